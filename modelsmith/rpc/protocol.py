@@ -1,0 +1,81 @@
+"""JSON-RPC 2.0 envelopes and the length-prefixed framing used on the Unix socket.
+
+A frame is a 4-byte big-endian length followed by that many bytes of one JSON-RPC message
+(msgspec-encoded). Frames above ``max_frame`` are refused before their body is read.
+
+Imports only the standard library and msgspec: the CLI's hot path goes through here.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+
+class ErrorObject(msgspec.Struct, omit_defaults=True):
+    """The typed error envelope: ``code`` is the contract, ``message`` is for people.
+
+    ``data`` always carries ``{"name": <error name>}`` plus error-specific detail
+    (for example ``{"field": "threshold.composite", "file": ".../cluster.toml"}``).
+    """
+
+    code: int
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class Request(msgspec.Struct, omit_defaults=True):
+    method: str
+    jsonrpc: str = "2.0"
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+    id: int | str | None = None
+
+
+class Response(msgspec.Struct, omit_defaults=True):
+    id: int | str | None
+    jsonrpc: str = "2.0"
+    result: msgspec.Raw | None = None
+    error: ErrorObject | None = None
+
+
+class Notification(msgspec.Struct, omit_defaults=True):
+    method: str
+    params: msgspec.Raw
+    jsonrpc: str = "2.0"
+
+
+class IncomingMessage(msgspec.Struct, omit_defaults=True):
+    """What a client reads: a response (has ``id``) or a notification (has ``method``)."""
+
+    jsonrpc: str = "2.0"
+    id: int | str | None = None
+    method: str | None = None
+    params: msgspec.Raw | None = None
+    result: msgspec.Raw | None = None
+    error: ErrorObject | None = None
+
+
+class FrameTooLarge(Exception):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+encoder = msgspec.json.Encoder()
+
+
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+def frame_length(header: bytes, max_frame: int) -> int:
+    (size,) = HEADER.unpack(header)
+    if size > max_frame:
+        raise FrameTooLarge(size, max_frame)
+    return int(size)
