@@ -55,8 +55,9 @@ class IncomingMessage(msgspec.Struct, omit_defaults=True):
     jsonrpc: str = "2.0"
     id: int | str | None = None
     method: str | None = None
-    params: msgspec.Raw | None = None
-    result: msgspec.Raw | None = None
+    # msgspec.Raw cannot sit in a union; an absent member decodes as an empty Raw.
+    params: msgspec.Raw = msgspec.Raw(b"")
+    result: msgspec.Raw = msgspec.Raw(b"")
     error: ErrorObject | None = None
 
 

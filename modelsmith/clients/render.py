@@ -1,0 +1,94 @@
+"""Human-readable output of the CLI (the seed's layout). Standard library only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+LABEL_WIDTH = 15
+
+
+def header(title: str) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"\n  {title}  ·  {stamp}\n"
+
+
+def kv(label: str, value: object) -> str:
+    return f"  {label:<{LABEL_WIDTH}}{value}"
+
+
+def gate(label: str, value: float | None, threshold: float, passed: bool | None = None) -> str:
+    if value is None:
+        return kv(label, f"—        (threshold {threshold:.3f})")
+    ok = value >= threshold if passed is None else passed
+    return kv(label, f"{value:.3f}   {'PASS' if ok else 'FAIL'}  (threshold {threshold:.3f})")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = round(seconds)
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def cluster_block(c: Mapping[str, Any]) -> list[str]:
+    lines = [
+        kv("cluster", c["cluster"]),
+        kv("model", c["model"]),
+        kv("iteration", c["iteration"]),
+        kv("scenarios", _scenario_line(c)),
+        kv("phase", c["phase"]),
+    ]
+    if c.get("status_error"):
+        lines.append(kv("error", c["status_error"]))
+    lines.append("")
+    lines.append(gate("composite", c.get("composite"), c["composite_threshold"]))
+    lines.append(gate("held_out", c.get("held_out"), c["held_out_threshold"]))
+    if c.get("regressions") is not None:
+        lines.append(kv("regressions", f"{c['regressions']} / {c.get('regressions_total') or 0}"))
+    if c.get("last_eval_tag"):
+        lines.append(kv("last eval", c["last_eval_tag"]))
+    if c.get("champion"):
+        lines.append(kv("champion", c["champion"]))
+    if c.get("pending_promotion"):
+        lines.append(kv("awaiting", f"approval of {c['pending_promotion']}"))
+    return lines
+
+
+def _scenario_line(c: Mapping[str, Any]) -> str:
+    sets = c.get("scenario_sets") or {}
+    if not sets:
+        return str(c.get("scenarios", 0))
+    return f"{c.get('scenarios', 0)} ({', '.join(sorted(sets))})"
+
+
+def fleet(status: Mapping[str, Any]) -> str:
+    out = [header("Modelsmith Fleet Status")]
+    clusters: Sequence[Mapping[str, Any]] = status.get("clusters", [])
+    if not clusters:
+        out.append("  no clusters found")
+    for i, c in enumerate(clusters):
+        if i:
+            out.append("")
+            out.append("  " + "─" * 40)
+            out.append("")
+        out.extend(cluster_block(c))
+    for err in status.get("errors", []):
+        out.append("")
+        out.append(kv("not loaded", f"{err['cluster']}: {err['message']}"))
+    return "\n".join(out) + "\n"
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  " + "  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in cells]
+    lines.insert(1, "  " + "  ".join("─" * w for w in widths))
+    return "\n".join(lines) + "\n"

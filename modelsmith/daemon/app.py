@@ -1,0 +1,158 @@
+"""The daemon: wires the services together and owns their lifetimes.
+
+Start-up order: config -> clusters -> socket -> services -> READY=1. Shutdown (SIGTERM/SIGINT):
+STOPPING=1, stop accepting, give running jobs ``shutdown_grace_s``, cancel what is left, close
+engines (shielded, bounded), remove the socket file we created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import structlog
+
+from modelsmith import __version__
+from modelsmith.daemon.config import DaemonConfig
+from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
+from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
+from modelsmith.loop.fleet import Fleet
+from modelsmith.loop.jobs import JobRegistry
+from modelsmith.loop.jobs_rpc import register_job_methods
+from modelsmith.rpc.dispatch import Empty, MethodTable
+from modelsmith.rpc.peercred import PeerPolicy
+from modelsmith.rpc.schema.daemon import DaemonStatus, PingResult
+from modelsmith.rpc.server import CallContext, RpcServer, ServerLimits
+
+log = structlog.get_logger("modelsmith.daemon")
+
+
+@dataclass
+class Daemon:
+    home: Path
+    socket_path: Path
+    config: DaemonConfig
+    notifier: Notifier = field(default_factory=Notifier)
+    table: MethodTable = field(default_factory=MethodTable)
+    jobs: JobRegistry = field(default_factory=JobRegistry)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        self.fleet = Fleet(self.home)
+        self._shutdown = anyio.Event()
+
+    # -- RPC methods of the daemon itself -------------------------------------------------
+    def _register(self) -> None:
+        async def ping(params: Empty, ctx: CallContext) -> PingResult:
+            return PingResult(version=__version__, time=time.time())
+
+        async def status(params: Empty, ctx: CallContext) -> DaemonStatus:
+            return self.status()
+
+        self.table.add("daemon.ping", Empty, ping, "Liveness check.")
+        self.table.add("daemon.status", Empty, status, "Version, uptime, engines, jobs.")
+        self.fleet.register(self.table)
+        register_job_methods(self.table, self.jobs)
+
+    def status(self) -> DaemonStatus:
+        return DaemonStatus(
+            version=__version__,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self.started_monotonic, 3),
+            started_at=self.started_at,
+            home=str(self.home),
+            socket=str(self.socket_path),
+            clusters=len(self.fleet.runtimes),
+            engines=[],
+            jobs=[j.summary() for j in self.jobs.active()],
+            cluster_errors=self.fleet.load_errors(),
+        )
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _open_listener_socket(self) -> tuple[object, bool]:
+        fds = listen_fds()
+        if fds:
+            return inherited_socket(fds[0]), False
+        return bind_unix_socket(self.socket_path, group=self.config.socket_group), True
+
+    async def run(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.notifier.status("discovering clusters")
+        self.fleet.discover()
+        for problem in self.fleet.problems:
+            log.error("cluster not loaded", cluster=problem.cluster, file=problem.file,
+                      field=problem.field, error=problem.message)
+        self._register()
+        raw_sock, owns_path = self._open_listener_socket()
+        listener = await anyio.abc.SocketListener.from_socket(raw_sock)  # type: ignore[arg-type]
+        server = RpcServer(
+            self.table,
+            policy=PeerPolicy.for_current_process(self.config.allowed_groups),
+            limits=ServerLimits(
+                max_frame=self.config.max_frame_bytes,
+                read_timeout=self.config.read_timeout_s,
+                idle_timeout=self.config.idle_timeout_s,
+                max_inflight=self.config.max_inflight_per_connection,
+            ),
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_signals, name="signals")
+                await tg.start(self.jobs.run)
+                serve_scope = anyio.CancelScope()
+                tg.start_soon(self._serve_until_cancelled, server, listener, serve_scope)
+                ready = f"serving {len(self.fleet.runtimes)} cluster(s) on {self.socket_path}"
+                self.notifier.ready(ready)
+                log.info("daemon ready", socket=str(self.socket_path), home=str(self.home),
+                         clusters=sorted(self.fleet.runtimes), pid=os.getpid())
+                interval = watchdog_interval()
+                if interval:
+                    tg.start_soon(self._watchdog, interval, name="watchdog")
+                await self._shutdown.wait()
+                self.notifier.stopping("stopping: waiting for running jobs")
+                log.info("daemon stopping", active_jobs=len(self.jobs.active()))
+                serve_scope.cancel()
+                # Running jobs are cancelled now; their own cleanup (a trainer's checkpoint, a
+                # final ledger entry) gets the grace period, then everything left is cut.
+                active = self.jobs.active()
+                for job in active:
+                    self.jobs.cancel(job.job_id)
+                with anyio.move_on_after(self.config.shutdown_grace_s):
+                    for job in active:
+                        await job.wait_finished()
+                tg.cancel_scope.cancel()
+        finally:
+            if owns_path:
+                with contextlib.suppress(FileNotFoundError):
+                    self.socket_path.unlink()
+            log.info("daemon stopped")
+            self.notifier.close()
+
+    async def _serve_until_cancelled(
+        self, server: RpcServer, listener: anyio.abc.SocketListener, scope: anyio.CancelScope
+    ) -> None:
+        with scope:
+            await server.serve(listener)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received", signal=signal.Signals(signum).name)
+                self.request_shutdown()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a blocked loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval)

@@ -1,0 +1,66 @@
+"""The daemon's own configuration: ``<home>/modelsmith.toml`` (optional) or ``--config PATH``.
+
+Every field is documented once, here; ``modelsmith config schema`` prints the JSON schema.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelsmith.errors import ValidationError
+
+CONFIG_FILE = "modelsmith.toml"
+
+
+class DaemonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    socket: str | None = Field(default=None, description="Socket path; overridden by --socket "
+                               "and MODELSMITH_SOCKET, ignored under socket activation.")
+    socket_group: str | None = Field(default=None, description="Group that owns the socket "
+                                     "(mode 0660) and its directory (0750).")
+    allowed_groups: list[str] = Field(default_factory=list, description="Groups whose members "
+                                      "may connect, besides the daemon's own user and root.")
+    max_frame_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest RPC "
+                                 "frame accepted; a larger one closes the connection.")
+    read_timeout_s: float = Field(default=30.0, gt=0, description="A frame's body must arrive "
+                                  "within this.")
+    idle_timeout_s: float = Field(default=300.0, gt=0, description="Connections with nothing in "
+                                  "flight are closed after this.")
+    max_inflight_per_connection: int = Field(default=64, ge=1, description="Concurrent requests "
+                                             "on one connection.")
+    shutdown_grace_s: float = Field(default=20.0, gt=0, description="On SIGTERM, running work "
+                                    "gets this long to stop before it is cancelled.")
+    log_format: Literal["auto", "json", "console"] = Field(default="auto", description="auto: "
+                                                           "readable on a terminal, JSON lines "
+                                                           "otherwise.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info",
+                                                                    description="Log level.")
+    start_engines: bool = Field(default=True, description="Start each cluster's engine at "
+                                "startup and keep it warm.")
+
+
+def load_daemon_config(path: Path | None, home: Path) -> DaemonConfig:
+    """Load the config (explicit path, else ``<home>/modelsmith.toml``, else defaults)."""
+    explicit = path is not None
+    path = path or home / CONFIG_FILE
+    if not path.exists():
+        if explicit:
+            raise ValidationError(f"{path}: no such config file", data={"file": str(path), "field": None})
+        return DaemonConfig()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return DaemonConfig.model_validate(raw)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValidationError(f"{path}: not valid TOML: {exc}", data={"file": str(path), "field": None}) from exc
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValidationError(
+            f"{path}: field {field!r}: {first['msg']}", data={"file": str(path), "field": field}
+        ) from exc

@@ -1,0 +1,66 @@
+"""Binding the RPC socket: 0660 inside a 0750 directory, or the one systemd hands us."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import socket
+from pathlib import Path
+
+from modelsmith.errors import ConflictError, ValidationError
+
+
+def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
+    """Create the listening socket at ``path``.
+
+    A stale socket file (nobody accepting) is replaced; a live one means another daemon owns it
+    and is refused with ConflictError.
+    """
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValidationError(f"socket_group {group!r} does not exist", data={"field": "socket_group"}) from None
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o750)
+    if gid != -1:
+        os.chown(directory, -1, gid)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise ConflictError(
+                f"another daemon is already serving at {path}", data={"socket": str(path)}
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o660)
+        if gid != -1:
+            os.chown(path, -1, gid)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise
+    return sock
+
+
+def inherited_socket(fd: int) -> socket.socket:
+    sock = socket.socket(fileno=fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ValidationError(f"inherited fd {fd} is not a Unix stream socket", data={"field": "LISTEN_FDS"})
+    return sock

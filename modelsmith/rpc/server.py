@@ -1,0 +1,236 @@
+"""The RPC server: JSON-RPC 2.0 over a Unix stream socket, one message per length-prefixed frame.
+
+Resources and errors, per connection:
+- the peer's uid/gid (SO_PEERCRED) is checked before any byte is read; a refused peer is closed;
+- a frame header announcing more than ``max_frame`` bytes gets one typed error and a close,
+  without reading the body; a body must arrive within ``read_timeout``;
+- a connection with no request in flight and no subscription is closed after ``idle_timeout``;
+- requests on one connection run concurrently (bounded by ``max_inflight``), responses are
+  written under a lock so frames never interleave;
+- every exception becomes a typed error envelope (:func:`error_to_wire`); nothing crashes the
+  server and no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from modelsmith.errors import InvalidRequest, ParseError
+from modelsmith.rpc.dispatch import MethodTable
+from modelsmith.rpc.errors import error_to_wire
+from modelsmith.rpc.peercred import PeerCredentials, PeerPolicy, peer_credentials
+from modelsmith.rpc.protocol import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    ErrorObject,
+    FrameTooLarge,
+    Notification,
+    Request,
+    Response,
+    encoder,
+    frame,
+    frame_length,
+)
+
+log = structlog.get_logger("modelsmith.rpc")
+
+_request_decoder = msgspec.json.Decoder(Request)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_frame: int = DEFAULT_MAX_FRAME
+    read_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    max_inflight: int = 64
+
+
+class Connection:
+    """One client connection. Handlers reach it through :class:`CallContext`."""
+
+    def __init__(
+        self, stream: anyio.abc.SocketStream, peer: PeerCredentials, task_group: anyio.abc.TaskGroup
+    ) -> None:
+        self._stream = stream
+        self._send_lock = anyio.Lock()
+        self._task_group = task_group
+        self.peer = peer
+        self.subscriptions = 0
+        self.inflight = 0
+        self.closed = False
+
+    async def send_message(self, payload: bytes) -> None:
+        if self.closed:
+            return
+        async with self._send_lock:
+            try:
+                await self._stream.send(frame(payload))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self.closed = True
+
+    async def notify(self, method: str, params: Any) -> None:
+        """Send a server-to-client notification (no id, no reply expected)."""
+        await self.send_message(
+            encoder.encode(Notification(method=method, params=msgspec.Raw(encoder.encode(params))))
+        )
+
+    def start_subscription(self, stream_fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``stream_fn`` in this connection's task group until it returns or the peer leaves.
+
+        The task is owned by the connection (structured): closing the connection cancels it.
+        """
+
+        async def runner() -> None:
+            self.subscriptions += 1
+            try:
+                await stream_fn()
+            finally:
+                self.subscriptions -= 1
+
+        self._task_group.start_soon(runner)
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a handler may know about its caller and do on its connection."""
+
+    peer: PeerCredentials
+    connection: Connection
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class RpcServer:
+    def __init__(
+        self,
+        table: MethodTable,
+        *,
+        policy: PeerPolicy,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.table = table
+        self.policy = policy
+        self.limits = limits or ServerLimits()
+        self.connections_total = 0
+        self.refused_peers = 0
+
+    async def serve(
+        self,
+        listener: anyio.abc.Listener[anyio.abc.SocketStream],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with listener:
+            task_status.started()
+            await listener.serve(self.handle_connection)
+
+    async def handle_connection(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            raw_sock: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            try:
+                peer = peer_credentials(raw_sock)
+            except OSError:
+                return
+            if not self.policy.allows(peer):
+                self.refused_peers += 1
+                log.warning("peer refused", uid=peer.uid, gid=peer.gid, pid=peer.pid)
+                return
+            self.connections_total += 1
+            async with anyio.create_task_group() as tg:
+                connection = Connection(stream, peer, tg)
+                try:
+                    await self._read_loop(stream, connection, tg)
+                finally:
+                    connection.closed = True
+                    tg.cancel_scope.cancel()
+
+    async def _read_loop(
+        self,
+        stream: anyio.abc.SocketStream,
+        connection: Connection,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        reader = BufferedByteReceiveStream(stream)
+        limiter = anyio.Semaphore(self.limits.max_inflight)
+        while not connection.closed:
+            header: bytes | None = None
+            with anyio.move_on_after(self.limits.idle_timeout) as idle:
+                try:
+                    header = await reader.receive_exactly(HEADER.size)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+                    return
+            if idle.cancelled_caught:
+                if connection.inflight or connection.subscriptions:
+                    continue
+                return
+            assert header is not None
+            try:
+                size = frame_length(header, self.limits.max_frame)
+            except FrameTooLarge as exc:
+                err = InvalidRequest(
+                    str(exc), data={"limit": exc.limit, "size": exc.size, "reason": "frame_too_large"}
+                )
+                await connection.send_message(
+                    encoder.encode(Response(id=None, error=error_to_wire(err)))
+                )
+                return
+            try:
+                with anyio.fail_after(self.limits.read_timeout):
+                    body = await reader.receive_exactly(size)
+            except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead):
+                return
+            await limiter.acquire()
+            connection.inflight += 1
+            tg.start_soon(self._serve_one, body, connection, limiter)
+
+    async def _serve_one(
+        self, body: bytes, connection: Connection, limiter: anyio.Semaphore
+    ) -> None:
+        try:
+            reply = await self.dispatch(body, connection)
+            if reply is not None:
+                # The reply must reach the client even if the connection's scope is cancelled.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await connection.send_message(reply)
+        finally:
+            connection.inflight -= 1
+            limiter.release()
+
+    async def dispatch(self, body: bytes, connection: Connection) -> bytes | None:
+        """Decode, route and run one message; returns the encoded reply (None for notifications)."""
+        request_id: int | str | None = None
+        try:
+            request = _decode_request(body)
+            request_id = request.id
+            if request.jsonrpc != "2.0":
+                raise InvalidRequest("jsonrpc must be '2.0'")
+            spec = self.table.get(request.method)
+            params = spec.decode_params(bytes(request.params))
+            ctx = CallContext(peer=connection.peer, connection=connection)
+            result = await spec.handler(params, ctx)
+            if request.id is None:
+                return None
+            return encoder.encode(Response(id=request_id, result=msgspec.Raw(encoder.encode(result))))
+        except Exception as exc:  # the one place every failure becomes a wire error
+            error: ErrorObject = error_to_wire(exc)
+            if error.code == -32603:
+                log.exception("internal error in RPC handler", request_id=request_id)
+            return encoder.encode(Response(id=request_id, error=error))
+
+
+def _decode_request(body: bytes) -> Request:
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"not a JSON-RPC request: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ParseError(f"frame is not valid JSON: {exc}") from exc
+
