@@ -35,5 +35,5 @@ def corpus() -> tuple[str, ...]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama + tokenizer built once per test session (read-only for tests: copy to mutate)."""
+    """A tiny Llama + tokenizer built once per session (read-only for tests: copy to mutate)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", ADTECH_CORPUS * 4)

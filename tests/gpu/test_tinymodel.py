@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from modelsmith.gpu.tinymodel import MARKER_NAME, build_tiny_model, warm_start
 
 def _greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int = 12) -> str:
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
     encoded = tokenizer(
         render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False
     )
