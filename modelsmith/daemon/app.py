@@ -23,6 +23,8 @@ from modelsmith import __version__
 from modelsmith.daemon.config import DaemonConfig
 from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
 from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
+from modelsmith.gpu.engines import EnginePool
+from modelsmith.loop.eval_service import EvalService
 from modelsmith.loop.fleet import Fleet
 from modelsmith.loop.jobs import JobRegistry
 from modelsmith.loop.jobs_rpc import register_job_methods
@@ -47,6 +49,8 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.fleet = Fleet(self.home)
+        self.engines = EnginePool()
+        self.evals = EvalService(self.fleet, self.jobs, self.engines)
         self._shutdown = anyio.Event()
 
     # -- RPC methods of the daemon itself -------------------------------------------------
@@ -61,6 +65,7 @@ class Daemon:
         self.table.add("daemon.status", Empty, status, "Version, uptime, engines, jobs.")
         self.fleet.register(self.table)
         register_job_methods(self.table, self.jobs)
+        self.evals.register(self.table)
 
     def status(self) -> DaemonStatus:
         return DaemonStatus(
@@ -71,7 +76,7 @@ class Daemon:
             home=str(self.home),
             socket=str(self.socket_path),
             clusters=len(self.fleet.runtimes),
-            engines=[],
+            engines=self.engines.statuses(),
             jobs=[j.summary() for j in self.jobs.active()],
             cluster_errors=self.fleet.load_errors(),
         )
@@ -94,6 +99,14 @@ class Daemon:
             log.error("cluster not loaded", cluster=problem.cluster, file=problem.file,
                       field=problem.field, error=problem.message)
         self._register()
+        # Verify every cluster's ledger and scenario sets before READY; a bad one fails alone.
+        for runtime in self.fleet.runtimes.values():
+            self.notifier.status(f"verifying cluster {runtime.cluster.name}")
+            await anyio.to_thread.run_sync(runtime.open)
+            if runtime.status_error:
+                log.error("cluster unavailable", cluster=runtime.cluster.name, error=runtime.status_error)
+            if self.config.start_engines and runtime.ledger is not None:
+                self.engines.add_cluster(runtime.cluster)
         raw_sock, owns_path = self._open_listener_socket()
         listener = await anyio.abc.SocketListener.from_socket(raw_sock)  # type: ignore[arg-type]
         server = RpcServer(
@@ -110,6 +123,9 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_signals, name="signals")
                 await tg.start(self.jobs.run)
+                # Engines load in the background (state "loading"); systemd is told to wait.
+                self.notifier.extend_timeout(300)
+                await tg.start(self.engines.run)
                 serve_scope = anyio.CancelScope()
                 tg.start_soon(self._serve_until_cancelled, server, listener, serve_scope)
                 ready = f"serving {len(self.fleet.runtimes)} cluster(s) on {self.socket_path}"

@@ -1,0 +1,285 @@
+"""The eval service: eval.*, scenarios.* methods, and the eval job that runs on a warm engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import msgspec
+
+from modelsmith.errors import ConflictError, NotFound
+from modelsmith.loop.evaluation import (
+    RESULTS_FILE,
+    EvalPlan,
+    check_tag,
+    eval_dir,
+    execute_eval,
+    read_results,
+    read_summary,
+    select_scenarios,
+)
+from modelsmith.loop.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.jobs import Job, JobRegistry
+from modelsmith.rpc.dispatch import MethodTable
+from modelsmith.rpc.schema.evals import (
+    EvalCompareParams,
+    EvalComparison,
+    EvalList,
+    EvalListEntry,
+    EvalListParams,
+    EvalRef,
+    EvalResults,
+    EvalResultsParams,
+    EvalRunParams,
+    EvalStarted,
+    EvalSummary,
+    ScenarioDelta,
+    ScenarioSetInfo,
+    ScenarioSets,
+    ScenarioSetsParams,
+)
+from modelsmith.rpc.server import CallContext
+
+
+class EvalService:
+    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: Any) -> None:
+        self.fleet = fleet
+        self.jobs = jobs
+        self.engines = engines
+
+    # -- planning ---------------------------------------------------------------------
+    def default_tag(self, runtime: ClusterRuntime, type: str, quick: bool) -> str:
+        base = f"{runtime.cluster.name}-iter-{runtime.iteration}-{type.replace('_', '-')}"
+        if quick:
+            base += "-quick"
+        tag, n = base, 1
+        while (runtime.cluster.evals_dir() / tag).exists() or self._tag_running(runtime, tag):
+            n += 1
+            tag = f"{base}-{n}"
+        return tag
+
+    def _tag_running(self, runtime: ClusterRuntime, tag: str) -> bool:
+        return any(j.kind == "eval" and j.result is None and j.message.endswith(f"[{tag}]")
+                   for j in self.jobs.list_jobs(cluster=runtime.cluster.name) if not j.state.finished)
+
+    def resolve_adapter(self, runtime: ClusterRuntime, requested: str | None) -> str | None:
+        if requested in (None, ""):
+            return runtime.candidate or runtime.champion
+        if requested == "base":
+            return None
+        if requested == "champion":
+            return runtime.champion
+        if requested == "candidate":
+            if runtime.candidate is None:
+                raise NotFound(f"cluster {runtime.cluster.name} has no candidate adapter",
+                               data={"field": "adapter"})
+            return runtime.candidate
+        assert requested is not None
+        if not runtime.adapter_path(requested).is_dir():
+            raise NotFound(f"no adapter {requested!r} in cluster {runtime.cluster.name}",
+                           data={"field": "adapter", "adapter": requested})
+        return requested
+
+    def plan(self, runtime: ClusterRuntime, params: EvalRunParams) -> EvalPlan:
+        catalog = runtime.require_catalog()
+        scenarios = select_scenarios(
+            catalog.all(), type=params.type, domain=params.domain, quick=params.quick,
+            quick_size=runtime.cluster.config.eval.quick_size,
+        )
+        adapter = self.resolve_adapter(runtime, params.adapter)
+        adapter_path = runtime.adapter_path(adapter) if adapter else None
+        adapter_hash = None
+        if adapter_path is not None:
+            from modelsmith.gpu.adapters import verify_adapter
+
+            adapter_hash = verify_adapter(adapter_path).adapter_sha256
+        if params.tag is not None:
+            tag = check_tag(params.tag)
+            if (runtime.cluster.evals_dir() / tag).exists():
+                raise ConflictError(f"eval tag {tag!r} exists already in {runtime.cluster.name}",
+                                    data={"field": "tag", "tag": tag})
+        else:
+            tag = self.default_tag(runtime, params.type, params.quick)
+        return EvalPlan(
+            tag=tag, type=params.type, quick=params.quick, scenarios=tuple(scenarios),
+            scenario_sets=catalog.versions(), adapter=adapter, adapter_path=adapter_path,
+            adapter_hash=adapter_hash, workers=params.workers or 0,
+        )
+
+    def baseline(self, runtime: ClusterRuntime) -> tuple[str, list[Any]] | None:
+        """The champion's eval when one was promoted, else the previous eval of the cluster."""
+        ledger = runtime.require_ledger()
+        tag: str | None = None
+        approved = ledger.last_of("promotion.approved")
+        if approved is not None:
+            tag = approved.data.get("eval_tag")
+        if tag is None:
+            last = ledger.last_of("eval.finished")
+            tag = last.data["tag"] if last else None
+        if tag is None:
+            return None
+        return tag, read_results(eval_dir(runtime, tag) / RESULTS_FILE)
+
+    # -- the job ------------------------------------------------------------------------
+    def start(self, params: EvalRunParams, *, resume_job_id: str | None = None) -> tuple[Job, EvalPlan]:
+        runtime = self.fleet.get(params.cluster)
+        ledger = runtime.require_ledger()
+        engine = self.engines.engine_for(runtime.cluster.name)
+        plan = self.plan(runtime, params)
+        log_path = runtime.cluster.logs_dir() / "eval-{job}.log"
+
+        async def run(job: Job) -> dict[str, Any]:
+            job.message = f"eval [{plan.tag}]"
+            baseline = await anyio.to_thread.run_sync(self.baseline, runtime)
+            await anyio.to_thread.run_sync(lambda: ledger.append("eval.started", {
+                "tag": plan.tag, "job_id": job.job_id, "type": plan.type, "quick": plan.quick,
+                "scenarios": len(plan.scenarios), "scenario_sets": plan.scenario_sets,
+                "adapter": plan.adapter, "adapter_hash": plan.adapter_hash,
+                "domain": params.domain, "log": job.log_path,
+            }))
+            previous_phase = runtime.phase
+            runtime.phase = "evaluating"
+            try:
+                await engine.wait_ready(timeout=600)
+                adapter_name = None
+                if plan.adapter is not None and plan.adapter_path is not None:
+                    adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
+                cfg = runtime.cluster.config.sampling
+                from modelsmith.gpu.engine import Sampling
+
+                sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
+                summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
+                                             adapter_name=adapter_name)
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    reason = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
+                    await anyio.to_thread.run_sync(lambda: ledger.append(
+                        "eval.failed", {"tag": plan.tag, "job_id": job.job_id, "error": reason}))
+                    runtime.phase = previous_phase
+                raise
+            summary_bytes = (eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
+            import hashlib
+
+            await anyio.to_thread.run_sync(lambda: ledger.append("eval.finished", {
+                "tag": plan.tag, "job_id": job.job_id, "composite": summary.composite,
+                "held_out": summary.held_out, "passed": summary.passed,
+                "summary_sha256": hashlib.sha256(summary_bytes).hexdigest(),
+                "results_sha256": summary.results_sha256, "adapter": plan.adapter,
+            }))
+            runtime.last_eval_tag = plan.tag
+            runtime.last_summary = msgspec.to_builtins(summary)
+            runtime.phase = previous_phase
+            return {"tag": plan.tag, "composite": summary.composite, "held_out": summary.held_out,
+                    "passed": summary.passed}
+
+        job = self.jobs.submit("eval", runtime.cluster.name, run, job_id=resume_job_id)
+        job.log_path = str(log_path).replace("{job}", job.job_id)
+        return job, plan
+
+    # -- RPC ------------------------------------------------------------------------------
+    def register(self, table: MethodTable) -> None:
+        async def eval_run(params: EvalRunParams, ctx: CallContext) -> EvalStarted:
+            job, plan = await anyio.to_thread.run_sync(lambda: self.start(params))
+            return EvalStarted(job_id=job.job_id, status="started", tag=plan.tag, log=job.log_path or "")
+
+        async def eval_summary(params: EvalRef, ctx: CallContext) -> EvalSummary:
+            runtime = self.fleet.get(params.cluster)
+            return await anyio.to_thread.run_sync(read_summary, runtime, params.tag)
+
+        async def eval_results(params: EvalResultsParams, ctx: CallContext) -> EvalResults:
+            runtime = self.fleet.get(params.cluster)
+            path = eval_dir(runtime, params.tag) / RESULTS_FILE
+            if not path.exists():
+                raise NotFound(f"no eval {params.tag!r} in cluster {params.cluster}",
+                               data={"tag": params.tag})
+            results = await anyio.to_thread.run_sync(read_results, path)
+            if params.failed_only:
+                results = [r for r in results if not r.passed]
+            results.sort(key=lambda r: (r.score, r.scenario_id))
+            page = results[params.offset : params.offset + max(1, min(params.limit, 500))]
+            return EvalResults(cluster=params.cluster, tag=params.tag, total=len(results),
+                               offset=params.offset, results=page)
+
+        async def eval_compare(params: EvalCompareParams, ctx: CallContext) -> EvalComparison:
+            runtime = self.fleet.get(params.cluster)
+            return await anyio.to_thread.run_sync(compare_evals, runtime, params.a, params.b)
+
+        async def eval_list(params: EvalListParams, ctx: CallContext) -> EvalList:
+            runtime = self.fleet.get(params.cluster)
+            ledger = runtime.require_ledger()
+            entries = [
+                EvalListEntry(tag=e.data["tag"], composite=e.data.get("composite"),
+                              held_out=e.data.get("held_out"), passed=e.data.get("passed"),
+                              finished_at=e.ts, adapter=e.data.get("adapter"))
+                for e in ledger.find("eval.finished")
+            ]
+            return EvalList(cluster=params.cluster, evals=entries)
+
+        async def scenarios_list(params: ScenarioSetsParams, ctx: CallContext) -> ScenarioSets:
+            return await anyio.to_thread.run_sync(self.scenario_sets, params.cluster, False)
+
+        async def scenarios_verify(params: ScenarioSetsParams, ctx: CallContext) -> ScenarioSets:
+            return await anyio.to_thread.run_sync(self.scenario_sets, params.cluster, True)
+
+        table.add("eval.run", EvalRunParams, eval_run, "Start an eval job; returns its id at once.")
+        table.add("eval.summary", EvalRef, eval_summary, "The summary of a finished eval.")
+        table.add("eval.results", EvalResultsParams, eval_results, "Per-scenario results (failed by default).")
+        table.add("eval.compare", EvalCompareParams, eval_compare, "Fixed / regressed / unchanged between two evals.")
+        table.add("eval.list", EvalListParams, eval_list, "Finished evals of a cluster, from its ledger.")
+        table.add("scenarios.list", ScenarioSetsParams, scenarios_list, "Governed sets, versions and counts.")
+        table.add("scenarios.verify", ScenarioSetsParams, scenarios_verify,
+                  "Re-read the scenario files; a changed set becomes a new version in the ledger.")
+
+    def scenario_sets(self, cluster: str, reload: bool) -> ScenarioSets:
+        from modelsmith.errors import ModelsmithError
+
+        runtime = self.fleet.get(cluster)
+        ledger = runtime.require_ledger()
+        changed: list[str] = []
+        error = None
+        if reload:
+            try:
+                from modelsmith.loop.scenarios import load_catalog
+
+                load_catalog(runtime.cluster.scenarios_dir)
+            except ModelsmithError as exc:
+                error = {"code": exc.code, "message": exc.message, "data": exc.data}
+            else:
+                changed = runtime.reload_scenarios()
+        catalog = runtime.require_catalog()
+        recorded = ledger.last_of("scenarios.changed")
+        recorded_versions = dict(recorded.data.get("versions", {})) if recorded else {}
+        sets = [
+            ScenarioSetInfo(name=name, version=s.version, count=len(s.scenarios),
+                            files=[str(f) for f in s.files], recorded_version=recorded_versions.get(name))
+            for name, s in sorted(catalog.sets.items())
+        ]
+        return ScenarioSets(cluster=cluster, ok=error is None, sets=sets, changed=changed, error=error)
+
+
+def compare_evals(runtime: ClusterRuntime, a: str, b: str) -> EvalComparison:
+    sa, sb = read_summary(runtime, a), read_summary(runtime, b)
+    ra = {r.scenario_id: r for r in read_results(eval_dir(runtime, a) / RESULTS_FILE)}
+    rb = {r.scenario_id: r for r in read_results(eval_dir(runtime, b) / RESULTS_FILE)}
+    deltas: list[ScenarioDelta] = []
+    for sid in sorted(set(ra) & set(rb)):
+        x, y = ra[sid], rb[sid]
+        if not x.passed and y.passed:
+            status = "fixed"
+        elif x.passed and not y.passed:
+            status = "regressed"
+        else:
+            status = "unchanged_pass" if y.passed else "unchanged_fail"
+        deltas.append(ScenarioDelta(scenario_id=sid, set=y.set, status=status,  # type: ignore[arg-type]
+                                    score_a=x.score, score_b=y.score, delta=round(y.score - x.score, 6)))
+    return EvalComparison(
+        cluster=runtime.cluster.name, a=a, b=b,
+        composite_a=sa.composite, composite_b=sb.composite,
+        composite_delta=round(sb.composite - sa.composite, 6),
+        held_out_a=sa.held_out, held_out_b=sb.held_out,
+        fixed=sum(d.status == "fixed" for d in deltas),
+        regressed=sum(d.status == "regressed" for d in deltas),
+        unchanged=sum(d.status.startswith("unchanged") for d in deltas),
+        only_in_a=sorted(set(ra) - set(rb)), only_in_b=sorted(set(rb) - set(ra)),
+        scenarios=deltas,
+    )
