@@ -136,7 +136,10 @@ def resolve_socket(args: argparse.Namespace) -> str:
 # -- parser --------------------------------------------------------------------------------
 
 
-COMMAND_MODULES: list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]] = []
+def command_modules() -> list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]:
+    from modelsmith.clients import commands_eval
+
+    return [commands_eval.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", cmd_job_cancel, "cancel a job")
     p.add_argument("job_id")
 
-    for register in COMMAND_MODULES:
+    for register in command_modules():
         register(sub, add)
     return parser
 

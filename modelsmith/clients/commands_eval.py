@@ -1,0 +1,205 @@
+"""CLI commands of the eval half of the loop: eval, results, compare, scenarios, ledger."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from modelsmith.clients import render
+from modelsmith.clients.watch import follow_job
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_JOB_FAILED = 0, 1, 2, 4, 5
+
+
+def _call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
+    from modelsmith.clients.cli import call
+
+    return call(args, method, params)
+
+
+def _emit_json(value: Any) -> None:
+    from modelsmith.clients.cli import emit_json
+
+    emit_json(value)
+
+
+def eval_block(summary: dict[str, Any]) -> str:
+    g = summary["gates"]
+    sets = ", ".join(sorted(summary["scenario_sets"])) or "—"
+    kind = "quick, " if summary["quick"] else ""
+    reg = summary["regressions"]
+    lines = [
+        render.header("Modelsmith Eval"),
+        render.kv("cluster", summary["cluster"]),
+        render.kv("model", summary["model"]),
+        render.kv("iteration", summary["iteration"]),
+        render.kv("adapter", summary["adapter"] or "base"),
+        render.kv("tag", summary["tag"]),
+        render.kv("scenarios", f"{summary['scored']} ({kind}{summary['type'].replace('_', '-')}: {sets})"),
+        "",
+        render.gate("composite", g["composite"]["value"], g["composite"]["threshold"], g["composite"]["passed"]),
+    ]
+    if summary["type"] != "core":
+        lines.append(render.gate("held_out", g["held_out"]["value"], g["held_out"]["threshold"], g["held_out"]["passed"]))
+    lines.append(render.kv("regressions", f"{reg['count']} / {reg['compared']}"
+                           + (f"  (vs {reg['baseline_tag']})" if reg["baseline_tag"] else "")))
+    if summary["judge_errors"]:
+        lines.append(render.kv("judge errors", summary["judge_errors"]))
+    lines.append(render.kv("duration", render.duration(summary["duration_s"])))
+    lines.append(render.kv("result", "PASS" if summary["passed"] else "FAIL"))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"cluster": args.cluster, "type": args.type, "quick": args.quick}
+    for key in ("tag", "workers", "domain", "adapter"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    started = _call(args, "eval.run", params)
+    if args.no_wait:
+        _emit_json(started) if args.json else print(f"eval job {started['jobId']} started: {started['tag']}")
+        return EXIT_OK
+    job = follow_job(args.socket, started["jobId"], timeout=None)
+    if job["state"] != "succeeded":
+        err = job.get("error") or {}
+        if args.json:
+            _emit_json({"job": job})
+        print(f"modelsmith: eval {started['tag']} {job['state']}: {err.get('message', '')}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    summary = _call(args, "eval.summary", {"cluster": args.cluster, "tag": started["tag"]})
+    if args.json:
+        _emit_json(summary)
+    else:
+        sys.stdout.write(eval_block(summary))
+    return EXIT_OK if summary["passed"] else EXIT_GATE_FAILED
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    result = _call(args, "eval.results", {"cluster": args.cluster, "tag": args.tag, "failed_only": not args.all,
+                                          "offset": args.offset, "limit": args.limit})
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    print(f"\n  {result['total']} {'results' if args.all else 'failed scenarios'} in {args.tag}\n")
+    for r in result["results"]:
+        print(f"  {r['scenario_id']}  [{r['set']}]  score {r['score']:.3f}  {'PASS' if r['passed'] else 'FAIL'}")
+        for c in r["criteria"]:
+            mark = "ok " if c["passed"] else "x  "
+            print(f"      {mark}{c['type']:<13}{c['score']:.2f}  {c.get('error_kind') or ''}  {c['detail']}")
+        print(f"      response:  {_clip(r['response'])}")
+        print(f"      reference: {_clip(r['reference'] or '')}\n")
+    return EXIT_OK
+
+
+def _clip(text: str, n: int = 100) -> str:
+    text = text.replace("\n", " ⏎ ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    result = _call(args, "eval.compare", {"cluster": args.cluster, "a": args.a, "b": args.b})
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    print(render.header(f"Compare {args.a} → {args.b}"))
+    print(render.kv("composite", f"{result['composite_a']:.3f} → {result['composite_b']:.3f}  ({result['composite_delta']:+.3f})"))
+    if result["held_out_a"] is not None and result["held_out_b"] is not None:
+        print(render.kv("held_out", f"{result['held_out_a']:.3f} → {result['held_out_b']:.3f}"))
+    print(render.kv("fixed", result["fixed"]))
+    print(render.kv("regressed", result["regressed"]))
+    print(render.kv("unchanged", result["unchanged"]))
+    changed = [s for s in result["scenarios"] if s["status"] in ("fixed", "regressed")]
+    if changed:
+        print()
+        sys.stdout.write(render.table([(s["scenario_id"], s["set"], s["status"], f"{s['score_a']:.2f}", f"{s['score_b']:.2f}",
+                                        f"{s['delta']:+.2f}") for s in changed],
+                                      ["scenario", "set", "status", "a", "b", "delta"]))
+    return EXIT_OK
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    method = "scenarios.verify" if args.action == "verify" else "scenarios.list"
+    result = _call(args, method, {"cluster": args.cluster})
+    if args.json:
+        _emit_json(result)
+    else:
+        rows = [(s["name"], s["count"], s["version"][:16], "yes" if s["recorded_version"] == s["version"] else "no")
+                for s in result["sets"]]
+        sys.stdout.write(render.table(rows, ["set", "scenarios", "version", "in ledger"]))
+        if result["changed"]:
+            print(f"  new set versions recorded: {', '.join(result['changed'])}")
+        if result["error"]:
+            print(f"  error: {result['error']['message']}", file=sys.stderr)
+    return EXIT_OK if result["ok"] else EXIT_REFUSED
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    """Runs locally on the files (works with the daemon down)."""
+    from modelsmith.errors import ModelsmithError
+    from modelsmith.loop.ledger import verify_file
+    from modelsmith.rpc.address import resolve_home
+
+    home = resolve_home(args.home)
+    clusters = [home / args.cluster] if args.cluster else sorted(p.parent for p in home.glob("*/ledger.jsonl"))
+    reports: list[dict[str, Any]] = []
+    ok = True
+    for root in clusters:
+        path = root / "ledger.jsonl"
+        try:
+            report = verify_file(path)
+            entry: dict[str, Any] = {
+                "cluster": root.name, "ok": report.ok, "entries": report.entries,
+                "torn_tail": report.torn_tail is not None,
+                "problem": (report.problem or {}).get("reason") if report.problem else None,
+                "detail": report.problem,
+            }
+        except ModelsmithError as exc:
+            entry = {"cluster": root.name, "ok": False, "entries": None, "torn_tail": False,
+                     "problem": exc.message, "code": exc.code, "data": exc.data}
+        ok = ok and entry["ok"]
+        reports.append(entry)
+    if args.json:
+        _emit_json({"ok": ok, "clusters": reports})
+    else:
+        for r in reports:
+            state = "OK" if r["ok"] else "FAILED"
+            print(f"  {r['cluster']:<24} {state:<7} entries={r['entries']}  {r.get('problem') or ''}")
+            for problem in r.get("records", []):
+                print(f"      {problem}")
+        if not reports:
+            print(f"  no ledgers under {home}")
+    return EXIT_OK if ok else EXIT_GATE_FAILED
+
+
+def register(sub: Any, add: Any) -> None:
+    p = add("eval", cmd_eval, "run an eval of a cluster's governed scenario set (exit 0 pass, 1 fail)")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--type", choices=["core", "held_out", "full"], default="full")
+    p.add_argument("--quick", action="store_true", help="a deterministic stratified subset")
+    p.add_argument("--tag")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--domain")
+    p.add_argument("--adapter", help="base | champion | candidate | iter-N (default: newest)")
+    p.add_argument("--no-wait", action="store_true", help="return the job id at once")
+
+    p = add("results", cmd_results, "failed scenarios of an eval with rubric breakdowns")
+    p.add_argument("tag")
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--all", action="store_true", help="all results, not only failures")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=20)
+
+    p = add("compare", cmd_compare, "fixed / regressed / unchanged between two evals")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--cluster", required=True)
+
+    p = add("scenarios", cmd_scenarios, "governed scenario sets: list or verify")
+    p.add_argument("action", choices=["list", "verify"])
+    p.add_argument("--cluster", required=True)
+
+    p = add("ledger", cmd_ledger_verify, "verify ledgers (hash chain, signed records); works offline")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("--cluster")
+    p.add_argument("--home")
