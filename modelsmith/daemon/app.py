@@ -24,10 +24,12 @@ from modelsmith.daemon.config import DaemonConfig
 from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
 from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
 from modelsmith.gpu.engines import EnginePool
+from modelsmith.gpu.leases import LeaseManager
 from modelsmith.loop.eval_service import EvalService
 from modelsmith.loop.fleet import Fleet
 from modelsmith.loop.jobs import JobRegistry
 from modelsmith.loop.jobs_rpc import register_job_methods
+from modelsmith.loop.train_service import TrainService
 from modelsmith.rpc.dispatch import Empty, MethodTable
 from modelsmith.rpc.peercred import PeerPolicy
 from modelsmith.rpc.schema.daemon import DaemonStatus, PingResult
@@ -51,6 +53,8 @@ class Daemon:
         self.fleet = Fleet(self.home)
         self.engines = EnginePool()
         self.evals = EvalService(self.fleet, self.jobs, self.engines)
+        self.leases = LeaseManager()
+        self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
         self._shutdown = anyio.Event()
 
     # -- RPC methods of the daemon itself -------------------------------------------------
@@ -66,6 +70,7 @@ class Daemon:
         self.fleet.register(self.table)
         register_job_methods(self.table, self.jobs)
         self.evals.register(self.table)
+        self.training.register(self.table)
 
     def status(self) -> DaemonStatus:
         return DaemonStatus(

@@ -1,0 +1,300 @@
+"""The train service: diagnose.run and train.*: GRPO on an eval's failures, hot-loaded after.
+
+A training job: pick the core failures of an eval (never held-out: the manifest proves it),
+take a device lease (the engine sleeps if it shares a GPU), run the trainer child, and when it
+ends with an adapter: write the training manifest, advance the iteration in the ledger with the
+adapter hash, load the adapter into the warm engine (no restart) and start an eval of the same
+set against it so ``eval.compare`` shows what the iteration fixed and broke.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from modelsmith.atomic import atomic_write_bytes
+from modelsmith.errors import ConflictError, NotFound, TrainerError
+from modelsmith.gpu.leases import LeaseManager
+from modelsmith.gpu.trainer_process import run_trainer
+from modelsmith.gpu.trainer_spec import (
+    AdapterSaved,
+    ConvergenceSpec,
+    GrpoSpec,
+    LoraSpec,
+    TrainerCheckpoint,
+    TrainerEvent,
+    TrainerMetric,
+    TrainerStarted,
+    TrainerStopped,
+    TrainJobSpec,
+    estimate_duration_minutes,
+)
+from modelsmith.loop.diagnose import Diagnosis, diagnose
+from modelsmith.loop.eval_service import EvalService
+from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, read_results, read_summary, utc_now
+from modelsmith.loop.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.jobs import Job, JobRegistry
+from modelsmith.loop.training_set import build_manifest, select_training_scenarios
+from modelsmith.rpc.dispatch import MethodTable
+from modelsmith.rpc.schema.evals import EvalRunParams
+from modelsmith.rpc.schema.jobs import JobSummary
+from modelsmith.rpc.schema.train import (
+    DiagnoseParams,
+    TrainCancelParams,
+    TrainJobRef,
+    TrainStarted,
+    TrainStartParams,
+    TrainStatus,
+)
+from modelsmith.rpc.server import CallContext
+
+log = structlog.get_logger("modelsmith.train")
+
+TRAINING_MANIFEST = "training_manifest.json"
+_encoder = msgspec.json.Encoder()
+
+
+class TrainService:
+    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: Any, evals: EvalService, leases: LeaseManager) -> None:
+        self.fleet = fleet
+        self.jobs = jobs
+        self.engines = engines
+        self.evals = evals
+        self.leases = leases
+
+    # -- building the job ---------------------------------------------------------------
+    def spec_for(self, runtime: ClusterRuntime, params: TrainStartParams, job_id: str, iteration: int,
+                 scenarios: list[dict[str, Any]], init_adapter: str | None) -> TrainJobSpec:
+        t = runtime.cluster.config.training
+        o = params.overrides
+        def pick(name: str) -> Any:
+            value = getattr(o, name, None) if o is not None else None
+            return getattr(t, name) if value is None else value
+
+        return TrainJobSpec(
+            job_id=job_id,
+            cluster=runtime.cluster.name,
+            base_model=str(runtime.cluster.base_model),
+            output_dir=str(runtime.adapter_path(f"iter-{iteration}")),
+            work_dir=str(runtime.cluster.root / "train" / job_id),
+            scenarios=scenarios,
+            init_adapter=str(runtime.adapter_path(init_adapter)) if init_adapter else None,
+            lora=LoraSpec(r=t.lora.r, alpha=t.lora.alpha, dropout=t.lora.dropout,
+                          target_modules=tuple(t.lora.target_modules)),
+            grpo=GrpoSpec(
+                max_steps=pick("max_steps"), learning_rate=pick("learning_rate"),
+                num_generations=pick("num_generations"),
+                per_device_train_batch_size=pick("per_device_train_batch_size"),
+                gradient_accumulation_steps=t.gradient_accumulation_steps,
+                max_prompt_length=t.max_prompt_length, max_completion_length=pick("max_completion_length"),
+                beta=pick("beta"), temperature=pick("temperature"), seed=pick("seed"),
+                save_steps=pick("save_steps"),
+            ),
+            convergence=ConvergenceSpec(plateau_window=t.plateau_window, plateau_min_delta=t.plateau_min_delta,
+                                        plateau_patience=t.plateau_patience, min_steps=t.min_steps),
+        )
+
+    def prepare(self, params: TrainStartParams, job_id: str) -> tuple[ClusterRuntime, TrainJobSpec, dict[str, Any]]:
+        """Validate and build everything before the job is accepted (runs in a worker thread)."""
+        runtime = self.fleet.get(params.cluster)
+        runtime.require_ledger()
+        if runtime.pending_promotion:
+            raise ConflictError(
+                f"cluster {runtime.cluster.name} is awaiting approval of {runtime.pending_promotion}; "
+                "nothing is trained until it is decided", data={"request_id": runtime.pending_promotion})
+        busy = [j for j in self.jobs.list_jobs(cluster=runtime.cluster.name) if j.kind == "train" and not j.state.finished]
+        if busy:
+            raise ConflictError(f"cluster {runtime.cluster.name} is already training (job {busy[0].job_id})",
+                                data={"job_id": busy[0].job_id})
+        catalog = runtime.require_catalog()
+        read_summary(runtime, params.eval_tag)  # the eval must have finished
+        results = read_results(eval_dir(runtime, params.eval_tag) / RESULTS_FILE)
+        t = runtime.cluster.config.training
+        margin = (params.overrides.near_miss_margin if params.overrides and params.overrides.near_miss_margin is not None
+                  else t.near_miss_margin)
+        if params.target == "failures":
+            margin = 0.0
+        chosen = select_training_scenarios(catalog, results, near_miss_margin=margin)
+        iteration = runtime.iteration + 1
+        init_adapter = runtime.champion if params.init == "champion" else None
+        manifest = build_manifest(
+            scenarios=chosen, catalog=catalog, job_id=job_id, cluster=runtime.cluster.name,
+            iteration=iteration, eval_tag=params.eval_tag, base_model=str(runtime.cluster.base_model),
+            init_adapter=init_adapter, near_miss_margin=margin,
+            metrics_log=f"logs/train-{job_id}.log", created_at=utc_now(),
+        )
+        spec = self.spec_for(runtime, params, job_id, iteration,
+                             [msgspec.to_builtins(s) for s in chosen], init_adapter)
+        problems = spec.problems()
+        if problems:
+            from modelsmith.errors import ValidationError
+
+            field, why = problems[0]
+            raise ValidationError(f"training config: {field} {why}", data={"field": field})
+        return runtime, spec, msgspec.to_builtins(manifest)
+
+    def start(self, params: TrainStartParams) -> tuple[Job, TrainJobSpec]:
+        from modelsmith.loop.jobs import new_job_id
+
+        job_id = new_job_id()
+        runtime, spec, manifest = self.prepare(params, job_id)
+        log_path = runtime.cluster.logs_dir() / f"train-{job_id}.log"
+
+        async def run(job: Job) -> dict[str, Any]:
+            return await self._run(job, runtime, spec, manifest, params, log_path)
+
+        job = self.jobs.submit("train", runtime.cluster.name, run, job_id=job_id, log_path=str(log_path))
+        job.progress_total = spec.grpo.max_steps
+        return job, spec
+
+    async def _run(self, job: Job, runtime: ClusterRuntime, spec: TrainJobSpec, manifest: dict[str, Any],
+                   params: TrainStartParams, log_path: Path) -> dict[str, Any]:
+        ledger = runtime.require_ledger()
+        iteration = manifest["iteration"]
+        out = Path(spec.output_dir)
+        if await anyio.Path(out).exists():
+            # Left by a crash after the trainer saved but before the ledger advanced: not an
+            # iteration of record. Keep it aside for inspection, never reuse it.
+            aside = out.with_name(f".orphan-{out.name}-{int(time.time())}")
+            await anyio.to_thread.run_sync(out.rename, aside)
+        await anyio.to_thread.run_sync(lambda: ledger.append("train.started", {
+            "job_id": job.job_id, "iteration": iteration, "eval_tag": params.eval_tag,
+            "scenarios": len(spec.scenarios), "work_dir": spec.work_dir, "init_adapter": spec.init_adapter,
+        }))
+        previous_phase = runtime.phase
+        state: dict[str, Any] = {"metrics": 0, "stopped": None, "total": spec.grpo.max_steps}
+
+        def on_event(event: TrainerEvent) -> None:
+            if isinstance(event, TrainerMetric):
+                job.emit("metric", msgspec.to_builtins(event))
+                job.set_progress(event.step, state["total"], f"step {event.step}: reward {event.reward_mean}")
+            elif isinstance(event, TrainerStarted):
+                state["total"] = event.total_steps
+                job.emit("log", msgspec.to_builtins(event))
+            elif isinstance(event, TrainerStopped):
+                state["stopped"] = event
+                job.emit("log", msgspec.to_builtins(event))
+            elif isinstance(event, TrainerCheckpoint | AdapterSaved):
+                job.emit("log", msgspec.to_builtins(event))
+
+        def on_position(position: int | None) -> None:
+            job.set_queue_position(position)
+            if position:
+                job.message = f"queued for the device (position {position})"
+
+        trained_at: float
+        try:
+            job.message = "waiting for a device lease"
+            async with self.leases.lease(f"train:{job.job_id}", on_position=on_position):
+                runtime.phase = "training"
+                job.message = "training"
+                outcome = await run_trainer(spec, on_event=on_event, log_path=log_path)
+            trained_at = time.monotonic()
+            stopped = outcome.stopped
+            if stopped is None or stopped.reason not in ("completed", "plateau"):
+                reason = stopped.reason if stopped else "no stop event"
+                raise TrainerError(f"training ended without a usable adapter: {reason}"
+                                   + (f" ({stopped.detail})" if stopped and stopped.detail else ""),
+                                   data={"reason": reason, "stderr_tail": list(outcome.stderr_tail)})
+            if outcome.adapter is None or outcome.adapter_path is None:
+                raise TrainerError("the trainer reported success but saved no adapter",
+                                   data={"stderr_tail": list(outcome.stderr_tail)})
+            manifest_bytes = msgspec.json.format(_encoder.encode(manifest), indent=2)
+            await anyio.to_thread.run_sync(atomic_write_bytes, outcome.adapter_path / TRAINING_MANIFEST, manifest_bytes)
+            adapter = f"iter-{iteration}"
+            adapter_manifest = outcome.adapter
+            await anyio.to_thread.run_sync(lambda: ledger.append("iteration.advanced", {
+                "iteration": iteration, "adapter": adapter, "adapter_hash": adapter_manifest.adapter_sha256,
+                "train_job": job.job_id, "source_eval_tag": params.eval_tag,
+                "training_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                "stop_reason": stopped.reason, "steps": stopped.step,
+            }))
+            runtime.iteration = iteration
+            runtime.candidate = adapter
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                failure = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
+                await anyio.to_thread.run_sync(lambda: ledger.append(
+                    "train.failed", {"job_id": job.job_id, "iteration": iteration, "error": failure}))
+                runtime.phase = previous_phase
+            raise
+        finally:
+            await anyio.to_thread.run_sync(shutil.rmtree, Path(spec.work_dir) / "checkpoints", True)
+        runtime.phase = previous_phase
+        result: dict[str, Any] = {"iteration": iteration, "adapter": adapter, "stop_reason": stopped.reason,
+                                  "steps": stopped.step, "adapter_hash": adapter_manifest.adapter_sha256}
+        hot = await self._hot_load(runtime, adapter, outcome.adapter_path, trained_at)
+        result.update(hot)
+        if params.follow_up_eval and "hot_load_error" not in hot:
+            source = read_summary(runtime, params.eval_tag)
+            eval_job, plan = self.evals.start(EvalRunParams(cluster=runtime.cluster.name, type=source.type,  # type: ignore[arg-type]
+                                                            quick=source.quick, adapter=adapter))
+            result["follow_up_eval"] = {"job_id": eval_job.job_id, "tag": plan.tag}
+        return result
+
+    async def _hot_load(self, runtime: ClusterRuntime, adapter: str, path: Path, trained_at: float) -> dict[str, Any]:
+        """Load the adapter into the warm engine and time train end -> first answer from it."""
+        try:
+            engine = self.engines.engine_for(runtime.cluster.name)
+        except Exception as exc:
+            return {"hot_load_error": str(exc)}
+        try:
+            name = await self.engines.ensure_adapter(runtime.cluster.name, adapter, path)
+            from modelsmith.gpu.engine import Sampling
+
+            await engine.generate("ping", Sampling(temperature=0.0, max_tokens=1), adapter=name)
+        except Exception as exc:
+            log.exception("hot load failed", cluster=runtime.cluster.name, adapter=adapter)
+            return {"hot_load_error": str(exc)}
+        return {"hot_load_seconds": round(time.monotonic() - trained_at, 3)}
+
+    # -- RPC ---------------------------------------------------------------------------
+    def register(self, table: MethodTable) -> None:
+        async def train_start(params: TrainStartParams, ctx: CallContext) -> TrainStarted:
+            job, spec = await anyio.to_thread.run_sync(lambda: self.start(params))
+            return TrainStarted(job_id=job.job_id, status="queued", cluster=params.cluster,
+                                estimated_duration_minutes=estimate_duration_minutes(spec),
+                                iteration=self.fleet.get(params.cluster).iteration + 1,
+                                scenarios=len(spec.scenarios), log=job.log_path or "")
+
+        async def train_status(params: TrainJobRef, ctx: CallContext) -> TrainStatus:
+            job = self.jobs.get(params.job_id)
+            if job.kind != "train":
+                raise NotFound(f"job {params.job_id} is not a training job", data={"job_id": params.job_id})
+            metrics = [e.data for e in job.events if e.kind == "metric"]
+            stop = next((e.data for e in reversed(job.events) if e.data.get("event") == "stopped"), None)
+            result = job.result or {}
+            return TrainStatus(job=job.summary(), iteration=result.get("iteration"),
+                               step=metrics[-1]["step"] if metrics else None, total_steps=job.progress_total,
+                               stop_reason=stop.get("reason") if stop else None, metrics=metrics,
+                               adapter=result.get("adapter"), follow_up_eval=result.get("follow_up_eval"))
+
+        async def train_cancel(params: TrainCancelParams, ctx: CallContext) -> JobSummary:
+            job = self.jobs.get(params.job_id)
+            if job.kind != "train":
+                raise NotFound(f"job {params.job_id} is not a training job", data={"job_id": params.job_id})
+            return self.jobs.cancel(params.job_id).summary()
+
+        async def diagnose_run(params: DiagnoseParams, ctx: CallContext) -> Diagnosis:
+            runtime = self.fleet.get(params.cluster)
+
+            def work() -> Diagnosis:
+                path = eval_dir(runtime, params.tag) / RESULTS_FILE
+                if not path.exists():
+                    raise NotFound(f"no eval {params.tag!r} in cluster {params.cluster}", data={"tag": params.tag})
+                return diagnose(params.cluster, params.tag, read_results(path),
+                                near_miss_margin=max(runtime.cluster.config.training.near_miss_margin, 0.05))
+
+            return await anyio.to_thread.run_sync(work)
+
+        table.add("train.start", TrainStartParams, train_start, "Start GRPO on an eval's core failures.")
+        table.add("train.status", TrainJobRef, train_status, "Progress and metric history of a training job.")
+        table.add("train.cancel", TrainCancelParams, train_cancel, "Stop a training job (the trainer saves).")
+        table.add("diagnose.run", DiagnoseParams, diagnose_run, "Failure patterns of an eval.")

@@ -1,0 +1,98 @@
+"""The training set of an iteration: core-set failures of an eval, never a held-out scenario.
+
+The manifest records the ids and content hashes used and the proof that none of them is in the
+held-out set (by id, by content hash and by prompt hash, so a held-out scenario copied into the
+core set under a new id is caught too). A violation raises LeakageError and nothing is trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from modelsmith.errors import LeakageError, ValidationError
+from modelsmith.loop.scenarios import Scenario, ScenarioCatalog, prompt_hash, scenario_hash
+from modelsmith.rpc.schema.evals import ScenarioResult
+
+
+class ScenarioRef(msgspec.Struct, kw_only=True):
+    id: str
+    hash: str
+    prompt_hash: str
+
+
+class LeakageProof(msgspec.Struct, kw_only=True):
+    ok: bool
+    checked: int
+    held_out_count: int
+    held_out_ids_sha256: str
+    held_out_hashes_sha256: str
+    violations: list[str]
+
+
+class TrainingManifest(msgspec.Struct, kw_only=True):
+    job_id: str
+    cluster: str
+    iteration: int
+    eval_tag: str
+    base_model: str
+    init_adapter: str | None
+    scenario_sets: dict[str, str]
+    scenarios: list[ScenarioRef]
+    leakage_check: LeakageProof
+    near_miss_margin: float
+    metrics_log: str
+    created_at: str
+
+
+def _digest(items: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()
+
+
+def leakage_check(refs: Sequence[ScenarioRef], held_out: Sequence[Scenario]) -> LeakageProof:
+    ids = {s.id for s in held_out}
+    hashes = {scenario_hash(s) for s in held_out}
+    prompts = {prompt_hash(s) for s in held_out}
+    violations = sorted(
+        r.id for r in refs if r.id in ids or r.hash in hashes or r.prompt_hash in prompts
+    )
+    return LeakageProof(
+        ok=not violations, checked=len(refs), held_out_count=len(held_out),
+        held_out_ids_sha256=_digest(list(ids)), held_out_hashes_sha256=_digest(list(hashes)),
+        violations=violations,
+    )
+
+
+def select_training_scenarios(
+    catalog: ScenarioCatalog, results: Sequence[ScenarioResult], *, near_miss_margin: float
+) -> list[Scenario]:
+    """Core scenarios that failed (or passed by less than the margin) in ``results``."""
+    picked: list[Scenario] = []
+    for r in results:
+        if r.set != "core":
+            continue
+        if r.passed and r.score >= r.pass_mark + near_miss_margin:
+            continue
+        scenario = catalog.get(r.scenario_id)
+        if scenario is None or scenario.set != "core":
+            continue
+        picked.append(scenario)
+    if not picked:
+        raise ValidationError("the eval has no core failures to train on", data={"field": "eval_tag"})
+    return sorted(picked, key=lambda s: s.id)
+
+
+def build_manifest(
+    *, scenarios: Sequence[Scenario], catalog: ScenarioCatalog, **fields: Any
+) -> TrainingManifest:
+    refs = [ScenarioRef(id=s.id, hash=scenario_hash(s), prompt_hash=prompt_hash(s)) for s in scenarios]
+    proof = leakage_check(refs, list(catalog.held_out.scenarios))
+    if not proof.ok:
+        raise LeakageError(
+            f"held-out scenarios would reach training: {', '.join(proof.violations)}",
+            data={"violations": proof.violations},
+        )
+    return TrainingManifest(scenarios=refs, leakage_check=proof, scenario_sets=catalog.versions(), **fields)

@@ -1,0 +1,69 @@
+"""train.* and diagnose.* params and results."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from modelsmith.rpc.dispatch import MutatingParams, QueryParams
+from modelsmith.rpc.schema.jobs import JobSummary
+
+
+class TrainOverrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    max_steps: int | None = None
+    learning_rate: float | None = None
+    num_generations: int | None = None
+    per_device_train_batch_size: int | None = None
+    max_completion_length: int | None = None
+    beta: float | None = None
+    temperature: float | None = None
+    save_steps: int | None = None
+    seed: int | None = None
+    near_miss_margin: float | None = None
+
+
+class TrainStartParams(MutatingParams):
+    """``train.start``: the seed's modelsmith_train_start arguments plus overrides."""
+
+    cluster: str
+    eval_tag: str
+    method: Literal["grpo"] = "grpo"
+    target: Literal["failures", "failures+near_misses"] = "failures"
+    init: Literal["champion", "base"] = "champion"
+    overrides: TrainOverrides | None = None
+    follow_up_eval: bool = True
+
+
+class TrainStarted(msgspec.Struct, kw_only=True):
+    job_id: str = msgspec.field(name="jobId")
+    status: str
+    cluster: str
+    estimated_duration_minutes: int
+    iteration: int
+    scenarios: int
+    log: str
+
+
+class TrainJobRef(QueryParams):
+    job_id: str
+
+
+class TrainCancelParams(MutatingParams):
+    job_id: str
+
+
+class TrainStatus(msgspec.Struct, kw_only=True):
+    job: JobSummary
+    iteration: int | None
+    step: int | None
+    total_steps: int | None
+    stop_reason: str | None
+    metrics: list[dict[str, Any]]
+    adapter: str | None
+    follow_up_eval: dict[str, Any] | None
+
+
+class DiagnoseParams(QueryParams):
+    cluster: str
+    tag: str
