@@ -137,9 +137,9 @@ def resolve_socket(args: argparse.Namespace) -> str:
 
 
 def command_modules() -> list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]:
-    from modelsmith.clients import commands_eval
+    from modelsmith.clients import commands_eval, commands_train
 
-    return [commands_eval.register]
+    return [commands_eval.register, commands_train.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

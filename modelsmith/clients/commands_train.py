@@ -1,0 +1,136 @@
+"""CLI commands of the train half of the loop: diagnose, train start|status|cancel."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from modelsmith.clients import render
+from modelsmith.clients.watch import follow_job
+
+EXIT_OK, EXIT_JOB_FAILED = 0, 5
+
+
+def _call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
+    from modelsmith.clients.cli import call
+
+    return call(args, method, params)
+
+
+def _emit_json(value: Any) -> None:
+    from modelsmith.clients.cli import emit_json
+
+    emit_json(value)
+
+
+def diagnosis_text(d: dict[str, Any]) -> str:
+    out = [render.header(f"Diagnosis of {d['tag']}"),
+           render.kv("cluster", d["cluster"]),
+           render.kv("failed", f"{d['failed']} / {d['scenarios']}"),
+           render.kv("near misses", d["near_misses"]), ""]
+    rows = [(p["pattern"], p["count"], f"{p['lost_score']:.2f}", ", ".join(list(p["tags"])[:3])) for p in d["patterns"]]
+    out.append(render.table(rows, ["pattern", "count", "lost", "top tags"]))
+    for p in d["patterns"][:5]:
+        out.append(f"  {p['pattern']}")
+        for ex in p["examples"]:
+            out.append(f"    {ex['scenario_id']}: {ex['detail']}")
+            out.append(f"      response:  {_clip(ex['response'])}")
+            out.append(f"      reference: {_clip(ex['reference'] or '')}")
+    return "\n".join(out) + "\n"
+
+
+def _clip(text: str, n: int = 90) -> str:
+    text = text.replace("\n", " ⏎ ")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    result = _call(args, "diagnose.run", {"cluster": args.cluster, "tag": args.tag})
+    if args.json:
+        _emit_json(result)
+    else:
+        sys.stdout.write(diagnosis_text(result))
+    return EXIT_OK
+
+
+def _metric_line(m: dict[str, Any]) -> str:
+    def f(key: str) -> str:
+        v = m.get(key)
+        return "—" if v is None else f"{v:.4g}"
+
+    return (f"  step {m['step']:>4}  reward {f('reward_mean')} ± {f('reward_std')}  kl {f('kl')}  "
+            f"loss {f('loss')}  lr {f('learning_rate')}  len {f('completion_length')}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.action == "start":
+        if not args.cluster or not args.eval_tag:
+            print("modelsmith: train start needs --cluster and --eval-tag", file=sys.stderr)
+            return 2
+        overrides = {k: v for k, v in (("max_steps", args.max_steps), ("learning_rate", args.learning_rate)) if v is not None}
+        params: dict[str, Any] = {"cluster": args.cluster, "eval_tag": args.eval_tag, "method": "grpo",
+                                  "target": args.target}
+        if overrides:
+            params["overrides"] = overrides
+        started = _call(args, "train.start", params)
+        if args.no_wait:
+            _emit_json(started) if args.json else print(
+                f"training job {started['jobId']} queued for {started['cluster']} "
+                f"(iteration {started['iteration']}, ~{started['estimated_duration_minutes']} min)")
+            return EXIT_OK
+        job_id = started["jobId"]
+        if not args.json:
+            print(f"  training job {job_id}: {started['scenarios']} failure scenarios, "
+                  f"iteration {started['iteration']}, log {started['log']}")
+
+        def on_event(event: Any) -> None:
+            if event.kind == "metric" and not args.json:
+                print(_metric_line(event.data), flush=True)
+            elif event.kind == "log" and event.data.get("event") == "stopped" and not args.json:
+                print(f"  stopped: {event.data['reason']} at step {event.data['step']} {event.data.get('detail', '')}")
+
+        job = follow_job(args.socket, job_id, on_event=on_event, show_progress=False)
+        status = _call(args, "train.status", {"job_id": job_id})
+    else:
+        if not args.job_id:
+            print("modelsmith: train status|cancel needs a JOB_ID", file=sys.stderr)
+            return 2
+        if args.action == "cancel":
+            result = _call(args, "train.cancel", {"job_id": args.job_id})
+            _emit_json(result) if args.json else print(f"cancel requested for training job {args.job_id}")
+            return EXIT_OK
+        status = _call(args, "train.status", {"job_id": args.job_id})
+        job = status["job"]
+    if args.json:
+        _emit_json(status)
+    else:
+        print(render.kv("job", f"{job['job_id']}  {job['state']}"))
+        print(render.kv("progress", f"{job['progress_done']}/{job['progress_total']}"))
+        if status["stop_reason"]:
+            print(render.kv("stopped", status["stop_reason"]))
+        if status["adapter"]:
+            print(render.kv("adapter", status["adapter"]))
+        if status["follow_up_eval"]:
+            print(render.kv("follow-up", f"eval {status['follow_up_eval']['tag']} (job {status['follow_up_eval']['job_id']})"))
+        if job.get("error"):
+            print(render.kv("error", job["error"]["message"]))
+    if job["state"] in ("failed", "cancelled"):
+        return EXIT_JOB_FAILED
+    return EXIT_OK
+
+
+def register(sub: Any, add: Any) -> None:
+    p = add("diagnose", cmd_diagnose, "failure patterns of an eval")
+    p.add_argument("tag")
+    p.add_argument("--cluster", required=True)
+
+    p = add("train", cmd_train, "GRPO post-training on an eval's failures: start | status | cancel")
+    p.add_argument("action", choices=["start", "status", "cancel"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--cluster")
+    p.add_argument("--eval-tag", dest="eval_tag")
+    p.add_argument("--target", choices=["failures", "failures+near_misses"], default="failures")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--no-wait", action="store_true")
