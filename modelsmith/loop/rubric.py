@@ -1,0 +1,573 @@
+"""Rubric scoring: grade one answer against a scenario's rubric.
+
+Scoring is pure, synchronous Python and is the very code the GRPO reward calls: what is graded is
+what is trained. Each criterion scores in [0, 1]; the scenario's score is the weighted mean of its
+criteria and passes at the rubric's ``pass_mark``.
+
+An ``llm_judge`` criterion is scored from a :class:`JudgeVerdict` obtained beforehand (see
+:func:`score_with_judge`, which asks the judge engine). A judge that fails - the call raised, or
+its reply has no well-formed ``SCORE:`` line - is a *judge failure*: the criterion is reported
+with ``error_kind="judge_failure"``, it is left out of the weighted mean (the model is never
+charged a 0 for the judge's fault), and the whole result is marked ``judge_error`` and not passed.
+
+The criteria themselves (types, options, load-time checks) are in
+:mod:`modelsmith.loop.criteria`; they are re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, Literal
+
+import anyio
+import msgspec
+from msgspec import Struct, UnsetType
+
+from modelsmith.errors import ValidationError
+from modelsmith.loop.criteria import (
+    ChoiceCriterion,
+    ContainsCriterion,
+    Criterion,
+    ExactCriterion,
+    JsonCriterion,
+    LengthCriterion,
+    LlmJudgeCriterion,
+    NotContainsCriterion,
+    NumericCriterion,
+    RegexCriterion,
+    Rubric,
+    json_path_segments,
+    parse_reference_number,
+    schema_validator,
+)
+
+__all__ = [
+    "ERROR_KINDS",
+    "ChoiceCriterion",
+    "ContainsCriterion",
+    "Criterion",
+    "CriterionResult",
+    "ErrorKind",
+    "ExactCriterion",
+    "JsonCriterion",
+    "JudgeFn",
+    "JudgeVerdict",
+    "LengthCriterion",
+    "LlmJudgeCriterion",
+    "NotContainsCriterion",
+    "NumericCriterion",
+    "RegexCriterion",
+    "Rubric",
+    "RubricScore",
+    "extract_json",
+    "first_number",
+    "is_refusal_or_empty",
+    "judge_prompt",
+    "parse_judge_reply",
+    "score",
+    "score_many",
+    "score_with_judge",
+]
+
+ErrorKind = Literal[
+    "wrong_format",
+    "wrong_value",
+    "out_of_tolerance",
+    "refusal_or_empty",
+    "too_long",
+    "too_short",
+    "forbidden_content",
+    "missing_content",
+    "judge_failure",
+]
+ERROR_KINDS: Final[tuple[str, ...]] = ErrorKind.__args__  # type: ignore[attr-defined]
+
+
+class CriterionResult(Struct, frozen=True, kw_only=True):
+    """How one criterion graded one answer (a line item of ``results.jsonl``)."""
+
+    name: str
+    type: str
+    weight: float
+    score: float
+    passed: bool
+    detail: str
+    error_kind: ErrorKind | None = None
+
+
+class RubricScore(Struct, frozen=True, kw_only=True):
+    """How a rubric graded one answer: the weighted mean and each criterion's result."""
+
+    score: float
+    passed: bool
+    pass_mark: float
+    criteria: tuple[CriterionResult, ...]
+    judge_error: bool = False
+
+
+class JudgeVerdict(Struct, frozen=True, kw_only=True):
+    """A judge's reply: ``score`` in [0, 1] when well-formed, otherwise ``error`` says why."""
+
+    score: float | None
+    raw: str
+    error: str | None = None
+
+
+#: One call to a judge engine: prompt text in, reply text out.
+JudgeFn = Callable[[str], Awaitable[str]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading answers
+
+_REFUSAL_START: Final = re.compile(
+    r"^\W*(?:(?:i['’]?m\s+)?sorry[,.!]?\s*(?:but\s+)?)?"
+    r"(?:i\s+can['’]?t|i\s+cannot|i\s+can\s+not|i\s+won['’]?t|i\s+will\s+not|"
+    r"i['’]?m\s+(?:unable|not\s+able)|i\s+am\s+(?:unable|not\s+able))\b",
+    re.IGNORECASE,
+)
+_AS_AN_AI: Final = re.compile(r"\bas\s+an\s+ai\b", re.IGNORECASE)
+
+
+def is_refusal_or_empty(response: str) -> bool:
+    """An empty/whitespace answer, or an obvious refusal ("I can't", "I cannot", "as an AI")."""
+    text = response.strip()
+    if not text:
+        return True
+    head = text[:300]
+    return bool(_REFUSAL_START.match(head) or _AS_AN_AI.search(head))
+
+
+# A sign only when it does not follow a word ("x-5" reads 5, "3-5" reads 3 then 5); thousands
+# separators only in groups of three ("1,234" is one number, "1,2,3" is three).
+_NUMBER: Final = re.compile(
+    r"(?:(?<![\w.])[-+])?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
+)
+
+
+def first_number(text: str, *, occurrence: Literal["first", "last"] = "first") -> float | None:
+    """The first (or last) number written in ``text``, or None."""
+    if occurrence == "first":
+        match = _NUMBER.search(text)
+        if match is None:
+            return None
+        token = match.group()
+    else:
+        tokens = _NUMBER.findall(text)
+        if not tokens:
+            return None
+        token = tokens[-1]
+    return float(token.replace(",", ""))
+
+
+_NOT_FOUND: Final = object()
+_MAX_EMBEDDED_ATTEMPTS: Final = 64
+_JSON_DECODER: Final = json.JSONDecoder()
+
+
+def extract_json(response: str, *, allow_surrounding_text: bool = True) -> tuple[bool, Any]:
+    """``(True, value)`` for the answer as JSON, else its first embedded JSON object."""
+    text = response.strip()
+    try:
+        return True, msgspec.json.decode(text)
+    except (msgspec.DecodeError, RecursionError):  # absurd nesting is just not JSON here
+        pass
+    if not allow_surrounding_text:
+        return False, None
+    start = text.find("{")
+    attempts = 0
+    while start != -1 and attempts < _MAX_EMBEDDED_ATTEMPTS:
+        attempts += 1
+        try:
+            value, _ = _JSON_DECODER.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return True, value
+        start = text.find("{", start + 1)
+    return False, None
+
+
+def _lookup(document: Any, path: str) -> Any:
+    current = document
+    for segment in json_path_segments(path):
+        if isinstance(current, dict) and segment in current:
+            current = current[segment]
+        elif isinstance(current, list) and segment.isdigit() and int(segment) < len(current):
+            current = current[int(segment)]
+        else:
+            return _NOT_FOUND
+    return current
+
+
+def _json_equal(left: Any, right: Any) -> bool:
+    # Python says True == 1; JSON does not.
+    if isinstance(left, bool) or isinstance(right, bool):
+        return type(left) is type(right) and left == right
+    if isinstance(left, int | float) and isinstance(right, int | float):
+        return float(left) == float(right)
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(_json_equal(left[k], right[k]) for k in left)
+    if isinstance(left, list) and isinstance(right, list):
+        return len(left) == len(right) and all(map(_json_equal, left, right))
+    return type(left) is type(right) and bool(left == right)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    shown = text if len(text) <= limit else text[: limit - 1] + "…"
+    return repr(shown)
+
+
+# ---------------------------------------------------------------------------------------------
+# One scorer per criterion type: (criterion, response, reference) -> outcome
+
+_Outcome = tuple[float, bool, str, ErrorKind | None]
+
+
+def _expected(criterion: Criterion, value: str | None, reference: str | None) -> str:
+    if value is not None:
+        return value
+    if reference is None:
+        raise ValidationError(
+            f"criterion {criterion.label!r} compares against the reference, and none was given",
+            data={"field": "reference"},
+        )
+    return reference
+
+
+def _score_exact(criterion: ExactCriterion, response: str, reference: str | None) -> _Outcome:
+    expected = _expected(criterion, criterion.value, reference)
+    if criterion.normalize(response) == criterion.normalize(expected):
+        return 1.0, True, "matches", None
+    return 0.0, False, f"expected {_clip(expected)}, got {_clip(response)}", "wrong_value"
+
+
+def _fold(text: str, case_sensitive: bool) -> str:
+    return text if case_sensitive else text.casefold()
+
+
+def _score_contains(criterion: ContainsCriterion, response: str, reference: str | None) -> _Outcome:
+    needles = criterion.needles() or (_expected(criterion, None, reference),)
+    haystack = _fold(response, criterion.case_sensitive)
+    missing = [n for n in needles if _fold(n, criterion.case_sensitive) not in haystack]
+    if criterion.mode == "any":
+        if len(missing) < len(needles):
+            return 1.0, True, "contains one of the needles", None
+        return 0.0, False, f"contains none of {len(needles)} needle(s)", "missing_content"
+    if not missing:
+        return 1.0, True, "contains all", None
+    found = len(needles) - len(missing)
+    detail = f"missing {len(missing)} of {len(needles)}: " + ", ".join(map(_clip, missing[:3]))
+    return found / len(needles), False, detail, "missing_content"
+
+
+def _score_not_contains(
+    criterion: NotContainsCriterion, response: str, reference: str | None
+) -> _Outcome:
+    needles = criterion.needles()
+    haystack = _fold(response, criterion.case_sensitive)
+    present = [n for n in needles if _fold(n, criterion.case_sensitive) in haystack]
+    if not present:
+        return 1.0, True, "contains none", None
+    detail = f"contains {len(present)} forbidden: " + ", ".join(map(_clip, present[:3]))
+    return 1.0 - len(present) / len(needles), False, detail, "forbidden_content"
+
+
+def _score_regex(criterion: RegexCriterion, response: str, reference: str | None) -> _Outcome:
+    pattern = criterion.compiled()
+    if criterion.must_match == "full":
+        matched = pattern.fullmatch(response.strip()) is not None
+    else:
+        matched = pattern.search(response) is not None
+    if matched:
+        return 1.0, True, "matches", None
+    return (
+        0.0,
+        False,
+        f"does not {criterion.must_match}-match {_clip(criterion.pattern)}",
+        ("wrong_format"),
+    )
+
+
+def _score_json(criterion: JsonCriterion, response: str, reference: str | None) -> _Outcome:
+    found, document = extract_json(
+        response, allow_surrounding_text=criterion.allow_surrounding_text
+    )
+    if not found:
+        return 0.0, False, "no JSON found", "wrong_format"
+    if criterion.mode == "valid":
+        return 1.0, True, "valid JSON", None
+    if criterion.mode == "schema":
+        assert criterion.schema is not None  # checked at load time
+        validator = schema_validator(criterion.schema)
+        error = next(iter(validator.iter_errors(document)), None)
+        if error is None:
+            return 1.0, True, "matches the schema", None
+        where = "/".join(str(part) for part in error.absolute_path) or "(root)"
+        return 0.0, False, f"schema: at {where}: {error.message[:120]}", "wrong_format"
+    assert criterion.field is not None and not isinstance(criterion.value, UnsetType)
+    actual = _lookup(document, criterion.field)
+    if actual is _NOT_FOUND:
+        return 0.0, False, f"no field {criterion.field!r}", "missing_content"
+    if _json_equal(actual, criterion.value):
+        return 1.0, True, f"{criterion.field} matches", None
+    detail = f"{criterion.field}: expected {_clip(json.dumps(criterion.value))}, got " + _clip(
+        json.dumps(actual)
+    )
+    return 0.0, False, detail, "wrong_value"
+
+
+def _read_number(criterion: NumericCriterion, response: str) -> float | None:
+    if criterion.field is None:
+        return first_number(response, occurrence=criterion.occurrence)
+    found, document = extract_json(response)
+    if not found:
+        return None
+    value = _lookup(document, criterion.field)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return parse_reference_number(value)
+        except ValueError:
+            return None
+    return None
+
+
+def numeric_credit(error: float, tolerance: float, partial_width: float) -> float:
+    """Credit for a numeric answer ``error`` away from its target: 1 within ``tolerance``, then
+    linearly down to 0 over ``partial_width``; non-increasing in ``error``."""
+    if error <= tolerance:
+        return 1.0
+    if partial_width <= 0:
+        return 0.0
+    return max(0.0, 1.0 - (error - tolerance) / partial_width)
+
+
+def _score_numeric(criterion: NumericCriterion, response: str, reference: str | None) -> _Outcome:
+    if criterion.value is not None:
+        target = criterion.value
+    else:
+        expected = _expected(criterion, None, reference)
+        try:
+            target = parse_reference_number(expected)
+        except ValueError as exc:
+            raise ValidationError(
+                f"reference {expected!r} is not a number", data={"field": "reference"}
+            ) from exc
+    actual = _read_number(criterion, response)
+    where = f"field {criterion.field!r}" if criterion.field else "the answer"
+    if actual is None or not math.isfinite(actual):
+        return 0.0, False, f"no number in {where}", "wrong_format"
+    error = abs(actual - target)
+    tolerance = criterion.tolerance(target)
+    credit = numeric_credit(error, tolerance, criterion.partial_width)
+    if error <= tolerance:
+        return credit, True, f"{actual:g} within {tolerance:g} of {target:g}", None
+    detail = f"{actual:g} is {error:g} from {target:g} (tolerance {tolerance:g})"
+    return credit, False, detail, "out_of_tolerance"
+
+
+def _score_choice(criterion: ChoiceCriterion, response: str, reference: str | None) -> _Outcome:
+    expected = _expected(criterion, criterion.value, reference)
+    answer = criterion.normalize(response)
+    if answer not in {criterion.normalize(label) for label in criterion.labels}:
+        return 0.0, False, f"{_clip(response)} is not one of the labels", "wrong_format"
+    if answer == criterion.normalize(expected):
+        return 1.0, True, "right label", None
+    return 0.0, False, f"chose {_clip(answer)}, expected {_clip(expected)}", "wrong_value"
+
+
+def _bound_credit(actual: int, low: int | None, high: int | None) -> tuple[float, ErrorKind | None]:
+    if low is not None and actual < low:
+        return actual / low, "too_short"
+    if high is not None and actual > high:
+        return high / actual, "too_long"
+    return 1.0, None
+
+
+def _score_length(criterion: LengthCriterion, response: str, reference: str | None) -> _Outcome:
+    text = response.strip()
+    chars, words = len(text), len(text.split())
+    char_credit, char_kind = _bound_credit(chars, criterion.min_chars, criterion.max_chars)
+    word_credit, word_kind = _bound_credit(words, criterion.min_words, criterion.max_words)
+    kind = char_kind or word_kind
+    if kind is None:
+        return 1.0, True, f"{chars} chars, {words} words", None
+    return min(char_credit, word_credit), False, f"{chars} chars, {words} words: {kind}", kind
+
+
+_SCORERS: Final[dict[type[Any], Callable[[Any, str, str | None], _Outcome]]] = {
+    ExactCriterion: _score_exact,
+    ContainsCriterion: _score_contains,
+    NotContainsCriterion: _score_not_contains,
+    RegexCriterion: _score_regex,
+    JsonCriterion: _score_json,
+    NumericCriterion: _score_numeric,
+    ChoiceCriterion: _score_choice,
+    LengthCriterion: _score_length,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Judges
+
+
+_SCORE_LINE: Final = re.compile(r"^\s*SCORE:[ \t]*([0-9]+(?:\.[0-9]+)?)\s*$", re.IGNORECASE)
+_SCORE_WORD: Final = re.compile(r"^\s*SCORE\s*:", re.IGNORECASE)
+
+
+def parse_judge_reply(text: str, *, scale: float) -> JudgeVerdict:
+    """Read a judge's reply strictly: exactly one ``SCORE: <number in 0..scale>`` line (repeats
+    must agree). Anything else is a verdict with ``error`` set and ``score`` None."""
+    values: list[float] = []
+    for line in text.splitlines():
+        match = _SCORE_LINE.match(line)
+        if match:
+            values.append(float(match.group(1)))
+        elif _SCORE_WORD.match(line):
+            return JudgeVerdict(score=None, raw=text, error=f"malformed score line {_clip(line)}")
+    if not values:
+        return JudgeVerdict(score=None, raw=text, error="no `SCORE: <number>` line")
+    if len(set(values)) > 1:
+        return JudgeVerdict(score=None, raw=text, error="conflicting SCORE lines")
+    value = values[0]
+    if not 0.0 <= value <= scale:
+        return JudgeVerdict(score=None, raw=text, error=f"score {value:g} outside 0..{scale:g}")
+    return JudgeVerdict(score=value / scale, raw=text, error=None)
+
+
+def judge_prompt(
+    criterion: LlmJudgeCriterion, prompt_text: str, response: str, reference: str | None
+) -> str:
+    """The text sent to the judge engine for one answer."""
+    return criterion.render(prompt=prompt_text, response=response, reference=reference)
+
+
+def _judge_outcome(
+    criterion: LlmJudgeCriterion, verdict: JudgeVerdict | None, pass_mark: float
+) -> tuple[_Outcome, bool]:
+    if verdict is None:
+        return (0.0, False, "no judge verdict", "judge_failure"), True
+    if verdict.error is not None or verdict.score is None:
+        return (0.0, False, f"judge failure: {verdict.error or 'no score'}", "judge_failure"), True
+    judged = min(1.0, max(0.0, verdict.score))
+    passed = judged >= pass_mark
+    kind: ErrorKind | None = None if passed else "wrong_value"
+    return (judged, passed, f"judge {criterion.engine!r} scored {judged:.3g}", kind), False
+
+
+# ---------------------------------------------------------------------------------------------
+# Public scoring
+
+
+def score(
+    rubric: Rubric,
+    response: str,
+    reference: str | None,
+    *,
+    judge_verdicts: Mapping[int, JudgeVerdict] | None = None,
+) -> RubricScore:
+    """Grade ``response``. An ``llm_judge`` criterion at index i takes ``judge_verdicts[i]``;
+    without one it is a judge failure. Raises ValidationError only when a criterion needs the
+    reference and ``reference`` is None (scenarios are checked for that when loaded)."""
+    refused: bool | None = None  # computed once, only if something failed
+    results: list[CriterionResult] = []
+    weighted_sum = 0.0
+    weight_total = 0.0
+    low, high = 1.0, 0.0
+    judge_error = False
+    for index, criterion in enumerate(rubric.criteria):
+        if isinstance(criterion, LlmJudgeCriterion):
+            verdict = judge_verdicts.get(index) if judge_verdicts is not None else None
+            outcome, failed_judge = _judge_outcome(criterion, verdict, rubric.pass_mark)
+        else:
+            outcome, failed_judge = _SCORERS[type(criterion)](criterion, response, reference), False
+        credit, passed, detail, kind = outcome
+        if not passed and not failed_judge:
+            if refused is None:
+                refused = is_refusal_or_empty(response)
+            if refused:
+                kind = "refusal_or_empty"
+        if failed_judge:
+            judge_error = True
+        else:
+            weighted_sum += criterion.weight * credit
+            weight_total += criterion.weight
+            low, high = min(low, credit), max(high, credit)
+        results.append(
+            CriterionResult(
+                name=criterion.label,
+                type=criterion.kind,
+                weight=criterion.weight,
+                score=credit,
+                passed=passed,
+                detail=detail,
+                error_kind=kind,
+            )
+        )
+    # Rounding must not push the mean outside its criteria's range (all-1.0 must be exactly 1.0).
+    total = min(high, max(low, weighted_sum / weight_total)) if weight_total > 0 else 0.0
+    return RubricScore(
+        score=total,
+        passed=not judge_error and total >= rubric.pass_mark,
+        pass_mark=rubric.pass_mark,
+        criteria=tuple(results),
+        judge_error=judge_error,
+    )
+
+
+def score_many(items: Sequence[tuple[Rubric, str, str | None]]) -> list[RubricScore]:
+    """Score many ``(rubric, response, reference)`` answers; meant for a worker thread
+    (``anyio.to_thread.run_sync(score_many, items)``). Judge criteria are judge failures here."""
+    return [score(rubric, response, reference) for rubric, response, reference in items]
+
+
+async def score_with_judge(
+    rubric: Rubric,
+    response: str,
+    reference: str | None,
+    *,
+    prompt_text: str,
+    judge: JudgeFn | Mapping[str, JudgeFn],
+) -> RubricScore:
+    """Ask the judge for every ``llm_judge`` criterion (concurrently), then :func:`score`.
+
+    ``judge`` is one engine call, or a mapping from a criterion's ``engine`` name to one. An
+    exception from the call, or an engine missing from the mapping, is a judge failure;
+    cancellation is not caught.
+    """
+    verdicts: dict[int, JudgeVerdict] = {}
+
+    async def ask(index: int, criterion: LlmJudgeCriterion) -> None:
+        if isinstance(judge, Mapping):
+            call = judge.get(criterion.engine)
+            if call is None:
+                verdicts[index] = JudgeVerdict(
+                    score=None, raw="", error=f"no judge engine {criterion.engine!r}"
+                )
+                return
+        else:
+            call = judge
+        text = judge_prompt(criterion, prompt_text, response, reference)
+        try:
+            reply = await call(text)
+        except Exception as exc:  # an engine's failure is the judge's, never the model's
+            verdicts[index] = JudgeVerdict(
+                score=None, raw="", error=f"judge call failed: {type(exc).__name__}: {exc}"
+            )
+            return
+        verdicts[index] = parse_judge_reply(reply, scale=criterion.scale)
+
+    async with anyio.create_task_group() as task_group:
+        for index in rubric.judge_indices():
+            criterion = rubric.criteria[index]
+            assert isinstance(criterion, LlmJudgeCriterion)
+            task_group.start_soon(ask, index, criterion)
+    return score(rubric, response, reference, judge_verdicts=verdicts)

@@ -1,0 +1,526 @@
+"""Governed scenario sets: the files, their typed form, their versions.
+
+A cluster keeps its scenarios in ``<cluster>/scenarios/core/`` and
+``<cluster>/scenarios/held-out/`` as YAML (``*.yaml``/``*.yml``: a list of scenarios, or a
+mapping ``{scenarios: [...]}``) or JSONL (``*.jsonl``: one scenario per line). Files are decoded
+strictly into :class:`Scenario` Structs; a bad file is refused whole with a
+:class:`~modelsmith.errors.ValidationError` whose ``data`` names ``file``, ``line`` (where known),
+``field`` (a path such as ``scenarios[3].rubric.criteria[1].pattern``) and ``kind`` (a stable
+word: ``syntax``, ``unknown_field``, ``wrong_type``, ``duplicate_id`` ...).
+
+A set's version is the sha256 of its canonical content (the scenarios sorted by id, JSON with
+sorted keys, defaults filled in), so formatting, ordering and comments of the files do not change
+it and any change of content does. :func:`scenario_hash` fingerprints one scenario;
+:func:`prompt_hash` fingerprints only what a model is shown, so a held-out prompt copied into
+training under another id is still recognised.
+
+The file format is documented for users in ``docs/scenarios.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from modelsmith.errors import NotFound, ValidationError
+from modelsmith.loop.criteria import (
+    ChoiceCriterion,
+    InvalidField,
+    NumericCriterion,
+    Rubric,
+    parse_reference_number,
+)
+from modelsmith.loop.yaml_lines import NodePath, load_yaml_with_lines, path_key
+from modelsmith.loop.yaml_lines import file_error as _error
+
+__all__ = [
+    "SCENARIO_SUFFIXES",
+    "SET_NAMES",
+    "ChatMessage",
+    "Scenario",
+    "ScenarioCatalog",
+    "ScenarioSet",
+    "SetName",
+    "canonical_json",
+    "load_catalog",
+    "load_scenario_file",
+    "parse_scenarios",
+    "prompt_hash",
+    "prompt_messages",
+    "prompt_text",
+    "quick_subset",
+    "scenario_hash",
+    "set_version",
+]
+
+SetName = Literal["core", "held-out"]
+SET_NAMES: Final[tuple[SetName, ...]] = ("core", "held-out")
+SCENARIO_SUFFIXES: Final = (".yaml", ".yml", ".jsonl")
+
+ScenarioId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+$", min_length=1, max_length=200)]
+NonEmptyText = Annotated[str, Meta(min_length=1)]
+Weight = Annotated[float, Meta(gt=0)]
+
+
+class ChatMessage(Struct, frozen=True, forbid_unknown_fields=True):
+    """One message of a chat prompt."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Scenario(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One governed test case: a prompt, its ground truth and the rubric that grades answers."""
+
+    id: ScenarioId
+    set: SetName
+    domain: NonEmptyText
+    tags: tuple[NonEmptyText, ...] = ()
+    prompt: NonEmptyText | Annotated[tuple[ChatMessage, ...], Meta(min_length=1)]
+    reference: str | None = None
+    rubric: Rubric
+    weight: Weight = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight < float("inf"):
+            raise InvalidField("bad_weight", "weight", "must be a finite number > 0")
+        if not isinstance(self.prompt, str) and not any(
+            message.role == "user" for message in self.prompt
+        ):
+            raise InvalidField("invalid_value", "prompt", "a chat prompt needs a user message")
+        for index, criterion in enumerate(self.rubric.criteria):
+            if not criterion.needs_reference():
+                continue
+            where = f"rubric.criteria[{index}] ({criterion.kind})"
+            if self.reference is None:
+                raise InvalidField("missing_reference", "reference", f"{where} compares against it")
+            if isinstance(criterion, NumericCriterion):
+                try:
+                    parse_reference_number(self.reference)
+                except ValueError as exc:
+                    raise InvalidField(
+                        "invalid_value", "reference", f"{where} needs a number"
+                    ) from exc
+            if isinstance(criterion, ChoiceCriterion) and criterion.normalize(
+                self.reference
+            ) not in {criterion.normalize(label) for label in criterion.labels}:
+                raise InvalidField("invalid_value", "reference", f"{where}: not one of its labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes and versions
+
+
+def _encode(value: Any) -> bytes:
+    return msgspec.json.encode(value, order="sorted")
+
+
+def scenario_hash(scenario: Scenario) -> str:
+    """sha256 (hex) of one scenario's canonical content (every field, defaults filled in)."""
+    return hashlib.sha256(_encode(scenario)).hexdigest()
+
+
+def prompt_hash(scenario: Scenario) -> str:
+    """sha256 (hex) of only the prompt: what training would show a model. Leakage checks compare
+    these, so a held-out prompt reused under another id or set is still caught."""
+    return hashlib.sha256(_encode(scenario.prompt)).hexdigest()
+
+
+def canonical_json(scenarios: Iterable[Scenario]) -> bytes:
+    """The canonical bytes of a set: scenarios sorted by id, sorted keys, defaults filled in."""
+    encoded = sorted((s.id, _encode(s)) for s in scenarios)
+    return b"[" + b",".join(body for _, body in encoded) + b"]"
+
+
+def set_version(scenarios: Iterable[Scenario]) -> str:
+    """sha256 (hex) of :func:`canonical_json`: a set's version."""
+    return hashlib.sha256(canonical_json(scenarios)).hexdigest()
+
+
+def prompt_text(scenario: Scenario) -> str:
+    """The prompt as plain text (a chat is rendered ``role: content``), e.g. for judges."""
+    if isinstance(scenario.prompt, str):
+        return scenario.prompt
+    return "\n\n".join(f"{message.role}: {message.content}" for message in scenario.prompt)
+
+
+def prompt_messages(scenario: Scenario) -> list[dict[str, str]]:
+    """The prompt as chat messages (a text prompt is one user message)."""
+    if isinstance(scenario.prompt, str):
+        return [{"role": "user", "content": scenario.prompt}]
+    return [{"role": m.role, "content": m.content} for m in scenario.prompt]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors that name where
+
+
+_AT_PATH: Final = re.compile(r"^(?P<problem>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
+_NAMED_FIELD: Final = re.compile(r"^Object (?:contains unknown|missing required) field `([^`]*)`")
+
+
+def _describe_msgspec_error(exc: msgspec.ValidationError, prefix: str) -> tuple[str, str, str]:
+    """(kind, field path, problem) for msgspec's error on one scenario at ``prefix``."""
+    text = str(exc)
+    match = _AT_PATH.match(text)
+    problem, path = (match["problem"], match["path"]) if match else (text, "")
+    field = prefix + path
+    cause = exc.__cause__
+    if isinstance(cause, InvalidField):
+        return cause.kind, f"{field}.{cause.field}", cause.problem
+    named = _NAMED_FIELD.match(problem)
+    if named:
+        kind = "unknown_field" if "unknown" in problem else "missing_field"
+        return kind, f"{field}.{named[1]}", problem
+    if problem.startswith("Invalid value") and field.endswith(".type") and ".criteria[" in field:
+        return "unknown_criterion", field, problem
+    if problem.startswith("Expected `float` >") and field.endswith("weight"):
+        return "bad_weight", field, problem
+    if problem.startswith("Expected `") and ", got `" in problem:
+        return "wrong_type", field, problem
+    return "invalid_value", field, problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing one file
+
+
+@dataclass(frozen=True)
+class _RawScenario:
+    """One scenario's undecoded object and where it came from."""
+
+    index: int
+    line: int | None
+    value: Any
+    lines: dict[NodePath, int] = field(default_factory=dict)
+
+    def line_of(self, field_path: str) -> int | None:
+        key = path_key(field_path)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return self.line
+
+
+def _read_yaml(text: str, filename: str) -> Iterator[_RawScenario]:
+    loaded = load_yaml_with_lines(text, filename=filename, list_root="scenarios")
+    if loaded is None:
+        return
+    document, lines = loaded.document, loaded.lines
+    if isinstance(document, dict):
+        for key in document:
+            if key != "scenarios":
+                raise _error(
+                    "unknown_field",
+                    "a scenario file's top level is a list, or a mapping with only `scenarios`",
+                    file=filename,
+                    line=lines.get((str(key),)),
+                    field=str(key),
+                )
+        document = document.get("scenarios", [])
+    if not isinstance(document, list):
+        raise _error(
+            "wrong_type", "expected a list of scenarios", file=filename, line=1, field="scenarios"
+        )
+    for index, value in enumerate(document):
+        yield _RawScenario(index, lines.get(("scenarios", index)), value, lines)
+
+
+def _read_jsonl(text: str, filename: str) -> Iterator[_RawScenario]:
+    index = 0
+    # Split on "\n" only: a JSON string may legally hold U+2028 and friends raw.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = msgspec.json.decode(line)
+        except msgspec.DecodeError as exc:
+            raise _error(
+                "syntax", f"JSON: {exc}", file=filename, line=number, field=f"scenarios[{index}]"
+            ) from exc
+        except RecursionError as exc:
+            raise _error(
+                "too_large",
+                "nested too deeply",
+                file=filename,
+                line=number,
+                field=f"scenarios[{index}]",
+            ) from exc
+        yield _RawScenario(index, number, value)
+        index += 1
+
+
+def _parse_with_lines(
+    data: bytes, *, filename: str, default_set: str | None
+) -> list[tuple[Scenario, int | None]]:
+    if default_set is not None and default_set not in SET_NAMES:
+        raise _error("invalid_value", f"unknown set {default_set!r}", file=filename, field="set")
+    suffix = Path(filename).suffix.lower()
+    if suffix not in SCENARIO_SUFFIXES:
+        raise _error(
+            "unsupported_file",
+            f"scenario files end in {', '.join(SCENARIO_SUFFIXES)}",
+            file=filename,
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _error("encoding", f"not UTF-8: {exc.reason}", file=filename) from exc
+    raw_items = _read_jsonl(text, filename) if suffix == ".jsonl" else _read_yaml(text, filename)
+
+    parsed: list[tuple[Scenario, int | None]] = []
+    first_seen: dict[str, int | None] = {}
+    for raw in raw_items:
+        prefix = f"scenarios[{raw.index}]"
+        value = raw.value
+        if isinstance(value, dict) and "set" not in value and default_set is not None:
+            value = {**value, "set": default_set}
+        try:
+            scenario = msgspec.convert(value, Scenario, strict=True)
+        except msgspec.ValidationError as exc:
+            kind, field_path, problem = _describe_msgspec_error(exc, prefix)
+            line = raw.line_of(field_path)
+            raise _error(kind, problem, file=filename, line=line, field=field_path) from exc
+        except RecursionError as exc:
+            raise _error(
+                "too_large", "nested too deeply", file=filename, line=raw.line, field=prefix
+            ) from exc
+        if default_set is not None and scenario.set != default_set:
+            field_path = f"{prefix}.set"
+            raise _error(
+                "set_mismatch",
+                f"set {scenario.set!r} in a {default_set!r} folder",
+                file=filename,
+                line=raw.line_of(field_path),
+                field=field_path,
+            )
+        if scenario.id in first_seen:
+            field_path = f"{prefix}.id"
+            raise _error(
+                "duplicate_id",
+                f"id {scenario.id!r} is used twice",
+                file=filename,
+                line=raw.line_of(field_path),
+                field=field_path,
+                first_file=filename,
+                first_line=first_seen[scenario.id],
+            )
+        first_seen[scenario.id] = raw.line
+        parsed.append((scenario, raw.line))
+    return parsed
+
+
+def parse_scenarios(
+    data: bytes, *, filename: str, default_set: str | None = None
+) -> list[Scenario]:
+    """Decode one scenario file's bytes (YAML or JSONL, by ``filename``'s suffix).
+
+    ``default_set`` is the set of the folder the file lives in: it fills an omitted ``set`` and a
+    different ``set`` is refused. Raises ValidationError naming file, line and field.
+    """
+    return [s for s, _ in _parse_with_lines(data, filename=filename, default_set=default_set)]
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NotFound(f"no scenario file {path}", data={"file": str(path)}) from exc
+    except OSError as exc:
+        raise _error("unreadable", f"cannot read: {exc.strerror}", file=str(path)) from exc
+
+
+def load_scenario_file(path: Path, *, default_set: str | None = None) -> list[Scenario]:
+    """Read and decode one scenario file; see :func:`parse_scenarios`."""
+    path = Path(path)
+    return parse_scenarios(_read_bytes(path), filename=str(path), default_set=default_set)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sets and the catalog
+
+
+class ScenarioSet(Struct, frozen=True, kw_only=True):
+    """One governed set: its scenarios sorted by id, its version and the files it came from."""
+
+    name: SetName
+    scenarios: tuple[Scenario, ...]
+    version: str
+    files: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls, name: SetName, scenarios: Iterable[Scenario], files: Iterable[str] = ()
+    ) -> ScenarioSet:
+        """A set of ``scenarios`` with its version computed."""
+        ordered = tuple(sorted(scenarios, key=lambda s: (s.id, _encode(s))))
+        return cls(
+            name=name, scenarios=ordered, version=set_version(ordered), files=tuple(sorted(files))
+        )
+
+    def __len__(self) -> int:
+        return len(self.scenarios)
+
+    def ids(self) -> tuple[str, ...]:
+        return tuple(s.id for s in self.scenarios)
+
+
+@dataclass(frozen=True)
+class ScenarioCatalog:
+    """A cluster's sets, complete and consistent: ids are unique across all of them."""
+
+    sets: dict[str, ScenarioSet]
+    _by_id: dict[str, Scenario] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        sets = dict(self.sets)
+        for name in SET_NAMES:
+            sets.setdefault(name, ScenarioSet.of(name, ()))
+        object.__setattr__(self, "sets", sets)
+        by_id: dict[str, Scenario] = {}
+        for scenario_set in sets.values():
+            for scenario in scenario_set.scenarios:
+                if scenario.id in by_id:
+                    raise ValidationError(
+                        f"scenario id {scenario.id!r} is in two sets",
+                        data={"field": "id", "kind": "duplicate_id", "id": scenario.id},
+                    )
+                by_id[scenario.id] = scenario
+        object.__setattr__(self, "_by_id", by_id)
+
+    @property
+    def core(self) -> ScenarioSet:
+        return self.sets["core"]
+
+    @property
+    def held_out(self) -> ScenarioSet:
+        return self.sets["held-out"]
+
+    def all(self) -> tuple[Scenario, ...]:
+        """Every scenario of every set, sorted by id."""
+        return tuple(sorted(self._by_id.values(), key=lambda s: s.id))
+
+    def get(self, scenario_id: str) -> Scenario | None:
+        """The scenario with this id, or None."""
+        return self._by_id.get(scenario_id)
+
+    def require(self, scenario_id: str) -> Scenario:
+        """The scenario with this id; NotFound when there is none."""
+        scenario = self._by_id.get(scenario_id)
+        if scenario is None:
+            raise NotFound(f"no scenario {scenario_id!r}", data={"scenario": scenario_id})
+        return scenario
+
+    def versions(self) -> dict[str, str]:
+        """Each set's name and version."""
+        return {name: scenario_set.version for name, scenario_set in sorted(self.sets.items())}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+def _set_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")  # editors' swap files, atomic-write temp files
+        and path.suffix.lower() in SCENARIO_SUFFIXES
+    )
+
+
+def load_catalog(scenarios_dir: Path) -> ScenarioCatalog:
+    """Load ``<cluster>/scenarios/{core,held-out}/*``: all files or none.
+
+    A missing set folder is an empty set; a missing ``scenarios_dir`` is NotFound. Any bad file,
+    or an id used twice anywhere, raises ValidationError and returns nothing.
+    """
+    scenarios_dir = Path(scenarios_dir)
+    if not scenarios_dir.is_dir():
+        raise NotFound(f"no scenarios folder {scenarios_dir}", data={"file": str(scenarios_dir)})
+    where_seen: dict[str, tuple[str, int | None]] = {}
+    sets: dict[str, ScenarioSet] = {}
+    for set_name in SET_NAMES:
+        members: list[Scenario] = []
+        files: list[str] = []
+        for path in _set_files(scenarios_dir / set_name):
+            filename = str(path)
+            parsed = _parse_with_lines(_read_bytes(path), filename=filename, default_set=set_name)
+            for index, (scenario, line) in enumerate(parsed):
+                if scenario.id in where_seen:
+                    first_file, first_line = where_seen[scenario.id]
+                    raise _error(
+                        "duplicate_id",
+                        f"id {scenario.id!r} is also in {first_file}",
+                        file=filename,
+                        line=line,
+                        field=f"scenarios[{index}].id",
+                        first_file=first_file,
+                        first_line=first_line,
+                    )
+                where_seen[scenario.id] = (filename, line)
+                members.append(scenario)
+            files.append(path.relative_to(scenarios_dir).as_posix())
+        sets[set_name] = ScenarioSet.of(set_name, members, files)
+    return ScenarioCatalog(sets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quick subsets
+
+
+def _stratum(scenario: Scenario) -> tuple[str, str]:
+    return scenario.set, scenario.tags[0] if scenario.tags else scenario.domain
+
+
+def _rank(seed: str, text: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+
+def quick_subset(
+    scenarios: Sequence[Scenario] | Iterable[Scenario], *, size: int, seed: str = "quick"
+) -> list[Scenario]:
+    """A deterministic, stratified subset of at most ``size`` scenarios, sorted by id.
+
+    Strata are (set, first tag - or the domain when untagged). Every stratum gets one scenario
+    when ``size`` allows, the rest is shared in proportion to stratum size; within a stratum the
+    pick is by a hash of ``seed`` and id, so the same scenarios give the same subset whatever the
+    order they come in.
+    """
+    if size < 1:
+        raise ValidationError("a quick subset needs size >= 1", data={"field": "size"})
+    pool = sorted({s.id: s for s in scenarios}.values(), key=lambda s: s.id)
+    if size >= len(pool):
+        return pool
+    strata: dict[tuple[str, str], list[Scenario]] = {}
+    for scenario in pool:
+        strata.setdefault(_stratum(scenario), []).append(scenario)
+    for members in strata.values():
+        members.sort(key=lambda s: _rank(seed, s.id))
+    # Strata in a fixed order: larger first, ties by a seeded hash of the stratum's name.
+    order = sorted(strata, key=lambda key: (-len(strata[key]), _rank(seed, "/".join(key))))
+    taken = dict.fromkeys(order, 0)
+    for key in order[:size]:
+        taken[key] = 1
+    remaining = size - sum(taken.values())
+    total = len(pool)
+    while remaining > 0:
+        # The stratum furthest below its proportional share, among those not exhausted.
+        key = max(
+            (k for k in order if taken[k] < len(strata[k])),
+            key=lambda k: size * len(strata[k]) / total - taken[k],
+        )
+        taken[key] += 1
+        remaining -= 1
+    chosen = [s for key in order for s in strata[key][: taken[key]]]
+    return sorted(chosen, key=lambda s: s.id)
