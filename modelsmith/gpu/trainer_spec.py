@@ -1,0 +1,286 @@
+"""The GRPO trainer's job spec and the event lines it prints: the contract between daemon and child.
+
+The daemon writes a :class:`TrainJobSpec` as JSON and starts ``python -m modelsmith.gpu.trainer
+SPEC.json``; the child prints one JSON object per line on stdout, each a :data:`TrainerEvent`
+tagged by its ``"event"`` field::
+
+    started ─► metric* ─► checkpoint* ─► stopped ─► adapter_saved
+                                    └─► failed   (exit code 1)
+
+Non-finite floats (NaN, inf) cannot be JSON; msgspec writes them as ``null``, so every metric
+float is ``float | None``.
+
+Standard library and msgspec only: the daemon imports this without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+
+from modelsmith.errors import ValidationError
+
+__all__ = [
+    "AdapterSaved",
+    "ConvergenceSpec",
+    "GrpoSpec",
+    "LoraSpec",
+    "StopReason",
+    "TrainJobSpec",
+    "TrainerCheckpoint",
+    "TrainerEvent",
+    "TrainerFailed",
+    "TrainerMetric",
+    "TrainerStarted",
+    "TrainerStopped",
+    "decode_event",
+    "decode_spec",
+    "encode_event",
+    "encode_spec",
+    "estimate_duration_minutes",
+]
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class LoraSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The LoRA adapter's shape. Ignored when the job continues from ``init_adapter``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+
+class GrpoSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """GRPO hyper-parameters, passed on to TRL's ``GRPOConfig``.
+
+    ``per_device_train_batch_size * gradient_accumulation_steps`` completions are generated per
+    optimiser step and must be a multiple of ``num_generations`` (the group size).
+    ``max_prompt_length`` is enforced by the child (prompts are cut from the left) because TRL
+    no longer truncates prompts itself.
+    """
+
+    max_steps: int = 50
+    learning_rate: float = 1e-5
+    num_generations: int = 4
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_prompt_length: int = 512
+    max_completion_length: int = 128
+    beta: float = 0.04
+    temperature: float = 1.0
+    seed: int = 0
+    save_steps: int = 25
+    logging_steps: int = 1
+
+
+class ConvergenceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When to stop before ``max_steps``.
+
+    The moving average of the reward over ``plateau_window`` logged steps is checked once per
+    window; when it has not risen by more than ``plateau_min_delta`` above its best for
+    ``plateau_patience`` windows in a row, and at least ``min_steps`` steps have run, training
+    stops with reason ``"plateau"``.
+    """
+
+    plateau_window: int = 10
+    plateau_min_delta: float = 0.01
+    plateau_patience: int = 3
+    min_steps: int = 20
+
+
+class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One GRPO job. Paths are local; ``scenarios`` are scenario objects as plain dicts.
+
+    ``output_dir`` is the final adapter directory (``<cluster>/adapters/iter-N``) and must not
+    exist yet; ``work_dir`` holds the spec, checkpoints (``work_dir/checkpoints``), and the pid.
+    ``bf16=None`` means bf16 exactly when the job runs on CUDA.
+    """
+
+    job_id: str
+    cluster: str
+    base_model: str
+    output_dir: str
+    work_dir: str
+    scenarios: list[dict[str, object]]
+    init_adapter: str | None = None
+    lora: LoraSpec = LoraSpec()
+    grpo: GrpoSpec = GrpoSpec()
+    convergence: ConvergenceSpec = ConvergenceSpec()
+    resume: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, why) for each value that cannot run; empty when the spec is usable."""
+        found: list[tuple[str, str]] = []
+        g = self.grpo
+        positive = {
+            "grpo.max_steps": g.max_steps,
+            "grpo.num_generations": g.num_generations,
+            "grpo.per_device_train_batch_size": g.per_device_train_batch_size,
+            "grpo.gradient_accumulation_steps": g.gradient_accumulation_steps,
+            "grpo.max_prompt_length": g.max_prompt_length,
+            "grpo.max_completion_length": g.max_completion_length,
+            "grpo.save_steps": g.save_steps,
+            "grpo.logging_steps": g.logging_steps,
+            "lora.r": self.lora.r,
+            "convergence.plateau_window": self.convergence.plateau_window,
+            "convergence.plateau_patience": self.convergence.plateau_patience,
+        }
+        found.extend((name, "must be > 0") for name, value in positive.items() if value <= 0)
+        if g.num_generations < 2:
+            found.append(("grpo.num_generations", "a group needs at least 2 completions"))
+        per_step = g.per_device_train_batch_size * g.gradient_accumulation_steps
+        if g.num_generations > 0 and per_step % g.num_generations != 0:
+            found.append(
+                (
+                    "grpo.num_generations",
+                    f"per_device_train_batch_size * gradient_accumulation_steps ({per_step}) "
+                    f"must be a multiple of num_generations ({g.num_generations})",
+                )
+            )
+        if not math.isfinite(g.learning_rate) or g.learning_rate <= 0:
+            found.append(("grpo.learning_rate", "must be a finite number > 0"))
+        if not math.isfinite(g.beta) or g.beta < 0:
+            found.append(("grpo.beta", "must be a finite number >= 0"))
+        if not math.isfinite(g.temperature) or g.temperature <= 0:
+            found.append(("grpo.temperature", "must be a finite number > 0"))
+        if not self.scenarios:
+            found.append(("scenarios", "a training job needs at least one scenario"))
+        if not self.lora.target_modules:
+            found.append(("lora.target_modules", "must name at least one module"))
+        return found
+
+
+StopReason = Literal["completed", "plateau", "non_finite", "cancelled"]
+
+
+class TrainerStarted(msgspec.Struct, frozen=True, tag="started", tag_field="event"):
+    """Training is about to take its first step (model loaded, dataset built)."""
+
+    total_steps: int
+    resumed_from_step: int
+    device: str
+    dtype: str
+    trainable_params: int
+
+
+class TrainerMetric(msgspec.Struct, frozen=True, tag="metric", tag_field="event"):
+    """One logged optimiser step. ``None`` where TRL did not log the value or it was not finite."""
+
+    step: int
+    reward_mean: float | None
+    reward_std: float | None
+    kl: float | None
+    loss: float | None
+    learning_rate: float | None
+    completion_length: float | None
+    seconds_per_step: float | None
+    epoch: float | None
+
+
+class TrainerCheckpoint(msgspec.Struct, frozen=True, tag="checkpoint", tag_field="event"):
+    """A resumable checkpoint was written at ``path``."""
+
+    step: int
+    path: str
+
+
+class TrainerStopped(msgspec.Struct, frozen=True, tag="stopped", tag_field="event"):
+    """Training ended without an error; ``reason`` says why."""
+
+    reason: StopReason
+    step: int
+    detail: str = ""
+
+
+class AdapterSaved(msgspec.Struct, frozen=True, tag="adapter_saved", tag_field="event"):
+    """The final adapter is in place at ``path``.
+
+    ``sha256`` is the adapter hash recorded in its manifest (over the sorted (file, hash) list,
+    what ``adapters.adapter_hash`` returns); ``manifest_sha256`` is the hash of the
+    ``manifest.json`` bytes themselves.
+    """
+
+    path: str
+    sha256: str
+    manifest_sha256: str
+    files: list[str]
+
+
+class TrainerFailed(msgspec.Struct, frozen=True, tag="failed", tag_field="event"):
+    """The child is about to exit with code 1; the traceback is on its stderr."""
+
+    error: str
+    detail: str
+
+
+TrainerEvent = (
+    TrainerStarted
+    | TrainerMetric
+    | TrainerCheckpoint
+    | TrainerStopped
+    | AdapterSaved
+    | TrainerFailed
+)
+
+_event_encoder = msgspec.json.Encoder()
+_event_decoder: msgspec.json.Decoder[TrainerEvent] = msgspec.json.Decoder(TrainerEvent)
+_spec_decoder = msgspec.json.Decoder(TrainJobSpec)
+
+
+def encode_event(event: TrainerEvent) -> bytes:
+    """One event as a JSON line (with the trailing newline)."""
+    return _event_encoder.encode(event) + b"\n"
+
+
+def decode_event(line: bytes | str) -> TrainerEvent:
+    """Parse one stdout line of the child; raises ValidationError for anything else."""
+    try:
+        return _event_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"not a trainer event: {exc}", data={"field": "event"}) from exc
+
+
+def encode_spec(spec: TrainJobSpec) -> bytes:
+    return msgspec.json.format(_event_encoder.encode(spec), indent=2) + b"\n"
+
+
+def decode_spec(data: bytes | str, *, file: str | None = None) -> TrainJobSpec:
+    """Parse and check a job spec; raises ValidationError naming the first bad field."""
+    try:
+        spec = _spec_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"bad train job spec: {exc}", data={"file": file}) from exc
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"train job spec is not JSON: {exc}", data={"file": file}) from exc
+    problems = spec.problems()
+    if problems:
+        field, why = problems[0]
+        raise ValidationError(
+            f"bad train job spec: {field} {why}",
+            data={"file": file, "field": field, "problems": [f"{f}: {w}" for f, w in problems]},
+        )
+    return spec
+
+
+def estimate_duration_minutes(
+    spec: TrainJobSpec, *, seconds_per_completion_token: float = 0.02
+) -> int:
+    """A rough upper guess of the job's wall time, at least 1 minute.
+
+    The cost of a GRPO step is dominated by generating ``per_step`` completions of up to
+    ``max_completion_length`` tokens and one forward/backward over them; the rate defaults to a
+    small model on one accelerator. The daemon calibrates ``seconds_per_completion_token`` from
+    the ``seconds_per_step`` of finished jobs.
+    """
+    g = spec.grpo
+    per_step = g.per_device_train_batch_size * g.gradient_accumulation_steps
+    tokens_per_step = per_step * (g.max_completion_length + g.max_prompt_length / 8)
+    seconds = g.max_steps * tokens_per_step * seconds_per_completion_token
+    startup_seconds = 60.0
+    return max(1, math.ceil((seconds + startup_seconds) / 60.0))
