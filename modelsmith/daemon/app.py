@@ -29,6 +29,7 @@ from modelsmith.loop.eval_service import EvalService
 from modelsmith.loop.fleet import Fleet
 from modelsmith.loop.jobs import JobRegistry
 from modelsmith.loop.jobs_rpc import register_job_methods
+from modelsmith.loop.promotion import PromotionService
 from modelsmith.loop.train_service import TrainService
 from modelsmith.rpc.dispatch import Empty, MethodTable
 from modelsmith.rpc.peercred import PeerPolicy
@@ -55,6 +56,7 @@ class Daemon:
         self.evals = EvalService(self.fleet, self.jobs, self.engines)
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
+        self.promotions = PromotionService(self.fleet, self.engines, self.home)
         self._shutdown = anyio.Event()
 
     # -- RPC methods of the daemon itself -------------------------------------------------
@@ -71,6 +73,7 @@ class Daemon:
         register_job_methods(self.table, self.jobs)
         self.evals.register(self.table)
         self.training.register(self.table)
+        self.promotions.register(self.table)
 
     def status(self) -> DaemonStatus:
         return DaemonStatus(
@@ -113,6 +116,7 @@ class Daemon:
             if self.config.start_engines and runtime.ledger is not None:
                 self.engines.add_cluster(runtime.cluster)
         raw_sock, owns_path = self._open_listener_socket()
+        bound_inode = self.socket_path.stat().st_ino if owns_path else None
         listener = await anyio.abc.SocketListener.from_socket(raw_sock)  # type: ignore[arg-type]
         server = RpcServer(
             self.table,
@@ -154,8 +158,9 @@ class Daemon:
                         await job.wait_finished()
                 tg.cancel_scope.cancel()
         finally:
-            if owns_path:
-                with contextlib.suppress(FileNotFoundError):
+            # Remove the socket file only if it is still ours: a successor may have bound anew.
+            with contextlib.suppress(FileNotFoundError):
+                if owns_path and self.socket_path.stat().st_ino == bound_inode:
                     self.socket_path.unlink()
             log.info("daemon stopped")
             self.notifier.close()

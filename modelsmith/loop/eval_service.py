@@ -121,11 +121,15 @@ class EvalService:
         return tag, read_results(eval_dir(runtime, tag) / RESULTS_FILE)
 
     # -- the job ------------------------------------------------------------------------
-    def start(self, params: EvalRunParams, *, resume_job_id: str | None = None) -> tuple[Job, EvalPlan]:
+    def start(
+        self, params: EvalRunParams, *, plan: EvalPlan | None = None, resume_job_id: str | None = None
+    ) -> tuple[Job, EvalPlan]:
+        """Submit the eval job. Must run on the event loop; ``plan`` may be made in a thread."""
         runtime = self.fleet.get(params.cluster)
         ledger = runtime.require_ledger()
         engine = self.engines.engine_for(runtime.cluster.name)
-        plan = self.plan(runtime, params)
+        if plan is None:
+            plan = self.plan(runtime, params)
         log_path = runtime.cluster.logs_dir() / "eval-{job}.log"
 
         async def run(job: Job) -> dict[str, Any]:
@@ -179,7 +183,10 @@ class EvalService:
     # -- RPC ------------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:
         async def eval_run(params: EvalRunParams, ctx: CallContext) -> EvalStarted:
-            job, plan = await anyio.to_thread.run_sync(lambda: self.start(params))
+            runtime = self.fleet.get(params.cluster)
+            self.engines.engine_for(runtime.cluster.name)
+            plan = await anyio.to_thread.run_sync(self.plan, runtime, params)
+            job, plan = self.start(params, plan=plan)
             return EvalStarted(job_id=job.job_id, status="started", tag=plan.tag, log=job.log_path or "")
 
         async def eval_summary(params: EvalRef, ctx: CallContext) -> EvalSummary:

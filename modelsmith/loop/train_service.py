@@ -140,11 +140,10 @@ class TrainService:
             raise ValidationError(f"training config: {field} {why}", data={"field": field})
         return runtime, spec, msgspec.to_builtins(manifest)
 
-    def start(self, params: TrainStartParams) -> tuple[Job, TrainJobSpec]:
-        from modelsmith.loop.jobs import new_job_id
-
-        job_id = new_job_id()
-        runtime, spec, manifest = self.prepare(params, job_id)
+    def start(self, params: TrainStartParams, job_id: str,
+              prepared: tuple[ClusterRuntime, TrainJobSpec, dict[str, Any]]) -> tuple[Job, TrainJobSpec]:
+        """Submit a prepared job (on the event loop; :meth:`prepare` runs in a thread)."""
+        runtime, spec, manifest = prepared
         log_path = runtime.cluster.logs_dir() / f"train-{job_id}.log"
 
         async def run(job: Job) -> dict[str, Any]:
@@ -258,7 +257,11 @@ class TrainService:
     # -- RPC ---------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:
         async def train_start(params: TrainStartParams, ctx: CallContext) -> TrainStarted:
-            job, spec = await anyio.to_thread.run_sync(lambda: self.start(params))
+            from modelsmith.loop.jobs import new_job_id
+
+            job_id = new_job_id()
+            prepared = await anyio.to_thread.run_sync(self.prepare, params, job_id)
+            job, spec = self.start(params, job_id, prepared)
             return TrainStarted(job_id=job.job_id, status="queued", cluster=params.cluster,
                                 estimated_duration_minutes=estimate_duration_minutes(spec),
                                 iteration=self.fleet.get(params.cluster).iteration + 1,

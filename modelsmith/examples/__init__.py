@@ -1,0 +1,1 @@
+"""The bundled example cluster (rtb-pricing) and the quickstart demo."""
