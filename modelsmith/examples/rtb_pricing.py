@@ -31,9 +31,14 @@ REGIONS = ("us-east", "eu-west", "apac", "latam")
 SYSTEM = "You price real-time bids. Answer with one word: low, mid or high."
 
 
-def _scenario(i: int, rng: random.Random, set_name: str) -> dict[str, object]:
-    inventory = rng.choice(sorted(INVENTORY))
-    region = rng.choice(REGIONS)
+def _combos(seed: int) -> list[tuple[str, str]]:
+    combos = [(inv, region) for inv in sorted(INVENTORY) for region in REGIONS]
+    random.Random(f"combos-{seed}").shuffle(combos)
+    return combos
+
+
+def _scenario(i: int, combo: tuple[str, str], set_name: str) -> dict[str, object]:
+    inventory, region = combo
     bucket = INVENTORY[inventory]
     return {
         "id": f"{'ho' if set_name == 'held-out' else 'core'}-{i:03d}",
@@ -51,9 +56,13 @@ def _scenario(i: int, rng: random.Random, set_name: str) -> dict[str, object]:
     }
 
 
-def scenarios(set_name: str, count: int, seed: int) -> list[dict[str, object]]:
-    rng = random.Random(f"{set_name}-{seed}")
-    return [_scenario(i, rng, set_name) for i in range(count)]
+def scenarios(set_name: str, count: int, seed: int, *, core_count: int = 24) -> list[dict[str, object]]:
+    """Core and held-out scenarios use disjoint (inventory, region) pairs: no prompt is in both."""
+    combos = _combos(seed)
+    pool = combos[:core_count] if set_name == "core" else combos[core_count:]
+    if count > len(pool):
+        raise ValueError(f"at most {len(pool)} {set_name} scenarios with core_count={core_count}")
+    return [_scenario(i, combo, set_name) for i, combo in enumerate(pool[:count])]
 
 
 def corpus() -> list[str]:
@@ -138,7 +147,8 @@ def write_cluster(
         model=model_dir, composite=composite, held_out=held_out_threshold, max_steps=max_steps,
         learning_rate=learning_rate, max_regressions=max_regressions))
     for set_name, count in (("core", core), ("held-out", held_out)):
-        text = yaml.safe_dump({"scenarios": scenarios(set_name, count, seed)}, sort_keys=False)
+        chosen = scenarios(set_name, count, seed, core_count=core)
+        text = yaml.safe_dump({"scenarios": chosen}, sort_keys=False)
         atomic_write_text(root / "scenarios" / set_name / "bids.yaml", text)
     (root / "inbox").mkdir(exist_ok=True)
     return root
