@@ -137,9 +137,16 @@ def resolve_socket(args: argparse.Namespace) -> str:
 
 
 def command_modules() -> list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]:
-    from modelsmith.clients import commands_eval, commands_train
+    from modelsmith.clients import (
+        commands_config,
+        commands_eval,
+        commands_mcp,
+        commands_promote,
+        commands_train,
+    )
 
-    return [commands_eval.register, commands_train.register]
+    return [commands_eval.register, commands_train.register, commands_promote.register,
+            commands_mcp.register, commands_config.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
