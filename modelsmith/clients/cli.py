@@ -140,13 +140,14 @@ def command_modules() -> list[Callable[[Any, Callable[..., argparse.ArgumentPars
     from modelsmith.clients import (
         commands_config,
         commands_eval,
+        commands_loop,
         commands_mcp,
         commands_promote,
         commands_train,
     )
 
     return [commands_eval.register, commands_train.register, commands_promote.register,
-            commands_mcp.register, commands_config.register]
+            commands_mcp.register, commands_config.register, commands_loop.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,8 +27,10 @@ from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.loop.eval_service import EvalService
 from modelsmith.loop.fleet import Fleet
+from modelsmith.loop.inbox import InboxWatcher
 from modelsmith.loop.jobs import JobRegistry
 from modelsmith.loop.jobs_rpc import register_job_methods
+from modelsmith.loop.loop_service import LoopService
 from modelsmith.loop.promotion import PromotionService
 from modelsmith.loop.train_service import TrainService
 from modelsmith.rpc.dispatch import Empty, MethodTable
@@ -57,6 +59,8 @@ class Daemon:
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
         self.promotions = PromotionService(self.fleet, self.engines, self.home)
+        self.loops = LoopService(self.fleet, self.jobs, self.evals, self.training, self.promotions)
+        self.inbox = InboxWatcher(self.fleet, self.loops.trigger)
         self._shutdown = anyio.Event()
 
     # -- RPC methods of the daemon itself -------------------------------------------------
@@ -74,6 +78,7 @@ class Daemon:
         self.evals.register(self.table)
         self.training.register(self.table)
         self.promotions.register(self.table)
+        self.loops.register(self.table)
 
     def status(self) -> DaemonStatus:
         return DaemonStatus(
@@ -135,6 +140,9 @@ class Daemon:
                 # Engines load in the background (state "loading"); systemd is told to wait.
                 self.notifier.extend_timeout(300)
                 await tg.start(self.engines.run)
+                # Supervisors restore their recorded state and resume interrupted jobs.
+                await tg.start(self.loops.run)
+                await tg.start(self.inbox.run)
                 serve_scope = anyio.CancelScope()
                 tg.start_soon(self._serve_until_cancelled, server, listener, serve_scope)
                 ready = f"serving {len(self.fleet.runtimes)} cluster(s) on {self.socket_path}"

@@ -80,7 +80,8 @@ class EvalService:
                            data={"field": "adapter", "adapter": requested})
         return requested
 
-    def plan(self, runtime: ClusterRuntime, params: EvalRunParams) -> EvalPlan:
+    def plan(self, runtime: ClusterRuntime, params: EvalRunParams, *, resume: bool = False) -> EvalPlan:
+        """Fix what an eval will run. ``resume`` re-plans an interrupted eval under its own tag."""
         catalog = runtime.require_catalog()
         scenarios = select_scenarios(
             catalog.all(), type=params.type, domain=params.domain, quick=params.quick,
@@ -95,7 +96,7 @@ class EvalService:
             adapter_hash = verify_adapter(adapter_path).adapter_sha256
         if params.tag is not None:
             tag = check_tag(params.tag)
-            if (runtime.cluster.evals_dir() / tag).exists():
+            if not resume and (runtime.cluster.evals_dir() / tag).exists():
                 raise ConflictError(f"eval tag {tag!r} exists already in {runtime.cluster.name}",
                                     data={"field": "tag", "tag": tag})
         else:
@@ -129,7 +130,7 @@ class EvalService:
         ledger = runtime.require_ledger()
         engine = self.engines.engine_for(runtime.cluster.name)
         if plan is None:
-            plan = self.plan(runtime, params)
+            plan = self.plan(runtime, params, resume=resume_job_id is not None)
         log_path = runtime.cluster.logs_dir() / "eval-{job}.log"
 
         async def run(job: Job) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class TrainService:
 
     # -- building the job ---------------------------------------------------------------
     def spec_for(self, runtime: ClusterRuntime, params: TrainStartParams, job_id: str, iteration: int,
-                 scenarios: list[dict[str, Any]], init_adapter: str | None) -> TrainJobSpec:
+                 scenarios: list[dict[str, Any]], init_adapter: str | None, resume: bool = False) -> TrainJobSpec:
         t = runtime.cluster.config.training
         o = params.overrides
         def pick(name: str) -> Any:
@@ -99,10 +99,16 @@ class TrainService:
             ),
             convergence=ConvergenceSpec(plateau_window=t.plateau_window, plateau_min_delta=t.plateau_min_delta,
                                         plateau_patience=t.plateau_patience, min_steps=t.min_steps),
+            resume=resume,
         )
 
-    def prepare(self, params: TrainStartParams, job_id: str) -> tuple[ClusterRuntime, TrainJobSpec, dict[str, Any]]:
-        """Validate and build everything before the job is accepted (runs in a worker thread)."""
+    def prepare(self, params: TrainStartParams, job_id: str, *, resume: bool = False
+                ) -> tuple[ClusterRuntime, TrainJobSpec, dict[str, Any]]:
+        """Validate and build everything before the job is accepted (runs in a worker thread).
+
+        ``resume`` rebuilds an interrupted job under its own id: the trainer continues from the
+        last checkpoint in its work dir.
+        """
         runtime = self.fleet.get(params.cluster)
         runtime.require_ledger()
         if runtime.pending_promotion:
@@ -131,7 +137,7 @@ class TrainService:
             metrics_log=f"logs/train-{job_id}.log", created_at=utc_now(),
         )
         spec = self.spec_for(runtime, params, job_id, iteration,
-                             [msgspec.to_builtins(s) for s in chosen], init_adapter)
+                             [msgspec.to_builtins(s) for s in chosen], init_adapter, resume)
         problems = spec.problems()
         if problems:
             from modelsmith.errors import ValidationError

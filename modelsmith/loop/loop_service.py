@@ -1,0 +1,155 @@
+"""loop.* methods and the wiring of one supervisor per cluster to the eval/train/promotion services."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from modelsmith.loop.eval_service import EvalService
+from modelsmith.loop.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.jobs import Job, JobRegistry
+from modelsmith.loop.recovery import InterruptedJob
+from modelsmith.loop.supervisor import ClusterSupervisor, LoopDeps
+from modelsmith.loop.train_service import TrainService
+from modelsmith.rpc.dispatch import MethodTable
+from modelsmith.rpc.schema.evals import EvalRunParams
+from modelsmith.rpc.schema.loop import LoopControlParams, LoopStatus, LoopStatuses, LoopStatusParams
+from modelsmith.rpc.schema.train import TrainStartParams
+from modelsmith.rpc.server import CallContext
+
+
+class LoopService:
+    def __init__(self, fleet: Fleet, jobs: JobRegistry, evals: EvalService, training: TrainService,
+                 promotions: Any) -> None:
+        self.fleet = fleet
+        self.jobs = jobs
+        self.evals = evals
+        self.training = training
+        self.promotions = promotions
+        self.supervisors: dict[str, ClusterSupervisor] = {}
+        self._deps = LoopDeps(
+            start_eval=self._start_eval, resume_eval=self._resume_eval, start_train=self._start_train,
+            resume_train=self._resume_train, diagnose=self._diagnose, policy_passes=self._policy_passes,
+            request_promotion=self._request_promotion, cancel_job=self._cancel_job,
+        )
+
+    # -- the deps the supervisors use -----------------------------------------------------
+    async def _start_eval(self, runtime: ClusterRuntime, tag: str | None) -> Job:
+        params = EvalRunParams(cluster=runtime.cluster.name, type="full", tag=tag)
+        plan = await anyio.to_thread.run_sync(self.evals.plan, runtime, params)
+        return self.evals.start(params, plan=plan)[0]
+
+    async def _resume_eval(self, runtime: ClusterRuntime, item: InterruptedJob) -> Job:
+        d = item.data
+        params = EvalRunParams(cluster=runtime.cluster.name, tag=d["tag"], type=d.get("type", "full"),
+                               quick=bool(d.get("quick")), domain=d.get("domain"),
+                               adapter=d.get("adapter") or "base")
+        plan = await anyio.to_thread.run_sync(lambda: self.evals.plan(runtime, params, resume=True))
+        return self.evals.start(params, plan=plan, resume_job_id=item.job_id)[0]
+
+    async def _start_train(self, runtime: ClusterRuntime, eval_tag: str) -> Job:
+        from modelsmith.loop.jobs import new_job_id
+
+        params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=eval_tag, follow_up_eval=False)
+        job_id = new_job_id()
+        prepared = await anyio.to_thread.run_sync(self.training.prepare, params, job_id)
+        return self.training.start(params, job_id, prepared)[0]
+
+    async def _resume_train(self, runtime: ClusterRuntime, item: InterruptedJob) -> Job:
+        params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=item.data["eval_tag"],
+                                  follow_up_eval=False)
+        prepared = await anyio.to_thread.run_sync(
+            lambda: self.training.prepare(params, item.job_id, resume=True))
+        return self.training.start(params, item.job_id, prepared)[0]
+
+    async def _diagnose(self, runtime: ClusterRuntime, tag: str) -> dict[str, Any]:
+        from modelsmith.loop.diagnose import diagnose
+        from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, read_results
+
+        def work() -> dict[str, Any]:
+            results = read_results(eval_dir(runtime, tag) / RESULTS_FILE)
+            return msgspec.to_builtins(diagnose(runtime.cluster.name, tag, results))  # type: ignore[no-any-return]
+
+        return await anyio.to_thread.run_sync(work)
+
+    async def _policy_passes(self, runtime: ClusterRuntime, tag: str) -> tuple[bool, list[str]]:
+        report = await self.promotions.policy_check(runtime.cluster.name, tag)
+        reasons = [f"{c.check}: {c.detail}" for c in report.checks if not c.passed]
+        return bool(report.passed), reasons
+
+    async def _request_promotion(self, runtime: ClusterRuntime, tag: str) -> str:
+        from modelsmith.loop.promotion import Requester
+
+        requested = await self.promotions.request(
+            runtime.cluster.name, Requester.of(os.getuid(), os.getpid()), eval_tag=tag,
+            note="requested by the autonomous loop")
+        return str(requested.request_id)
+
+    def _cancel_job(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if not job.state.finished:
+            self.jobs.cancel(job_id)
+
+    # -- service ------------------------------------------------------------------------
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            for name, runtime in self.fleet.runtimes.items():
+                if runtime.ledger is None:
+                    continue  # an unavailable cluster has no supervisor; its STATUS says why
+                supervisor = ClusterSupervisor(runtime, self._deps)
+                self.supervisors[name] = supervisor
+                await tg.start(supervisor.run)
+            task_status.started()
+
+    async def trigger(self, runtime: ClusterRuntime, reason: str) -> bool:
+        """Ask a cluster's supervisor for a run (file drops); False when it is busy or absent."""
+        supervisor = self.supervisors.get(runtime.cluster.name)
+        return await supervisor.trigger(reason) if supervisor is not None else False
+
+    def get(self, cluster: str) -> ClusterSupervisor:
+        runtime = self.fleet.get(cluster)
+        supervisor = self.supervisors.get(cluster)
+        if supervisor is None:
+            from modelsmith.errors import Unavailable
+
+            raise Unavailable(f"cluster {cluster} has no supervisor: {runtime.status_error}",
+                              data={"cluster": cluster})
+        return supervisor
+
+    def register(self, table: MethodTable) -> None:
+        def status_of(s: ClusterSupervisor) -> LoopStatus:
+            return msgspec.convert(s.status(), LoopStatus)
+
+        async def loop_start(params: LoopControlParams, ctx: CallContext) -> LoopStatus:
+            s = self.get(params.cluster)
+            await s.start(f"loop.start by uid {ctx.peer.uid}")
+            return status_of(s)
+
+        async def loop_pause(params: LoopControlParams, ctx: CallContext) -> LoopStatus:
+            s = self.get(params.cluster)
+            await s.pause()
+            return status_of(s)
+
+        async def loop_resume(params: LoopControlParams, ctx: CallContext) -> LoopStatus:
+            s = self.get(params.cluster)
+            await s.resume()
+            return status_of(s)
+
+        async def loop_stop(params: LoopControlParams, ctx: CallContext) -> LoopStatus:
+            s = self.get(params.cluster)
+            await s.stop()
+            return status_of(s)
+
+        async def loop_status(params: LoopStatusParams, ctx: CallContext) -> LoopStatuses:
+            chosen = [self.get(params.cluster)] if params.cluster else list(self.supervisors.values())
+            return LoopStatuses(loops=[status_of(s) for s in chosen])
+
+        table.add("loop.start", LoopControlParams, loop_start, "Run the loop of a cluster by itself.")
+        table.add("loop.pause", LoopControlParams, loop_pause, "Pause the loop after the current step.")
+        table.add("loop.resume", LoopControlParams, loop_resume, "Resume a paused loop where it was.")
+        table.add("loop.stop", LoopControlParams, loop_stop, "Stop the loop and cancel its running job.")
+        table.add("loop.status", LoopStatusParams, loop_status, "Supervisor state of one or every cluster.")
