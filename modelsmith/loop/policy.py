@@ -1,0 +1,347 @@
+"""The promotion policy gate: every rule a candidate must pass before a human is asked.
+
+:func:`check_policy` judges a cluster's candidate adapter and one of its evals against the
+policy in ``cluster.toml`` (``[thresholds]`` and ``[policy]``) and returns *every* rule's
+outcome, so an agent learns everything it has to fix from one call. Rules (stable names):
+
+``cluster_state``       no promotion request is pending and the cluster is not training
+``candidate``           there is a candidate adapter (a trained iteration not yet promoted)
+``eval_found``          the eval exists, finished, and its summary matches the ledger's hash
+``eval_full``           the eval covered the held-out set (type ``full``, not ``--quick``)
+``eval_of_candidate``   the eval was of the candidate adapter ...
+``adapter_hash``        ... whose files still hash to what was evaluated
+``scenario_sets``       the eval used the current governed scenario-set versions
+``composite``           composite >= ``thresholds.composite``
+``held_out``            held-out score >= ``thresholds.held_out``
+``regressions``         scenarios passing under the champion (or, before the first promotion, in
+                        the newest eval of the base model) and failing now <= ``max_regressions``
+``training_manifest``   the candidate's training manifest exists and matches the ledger
+``leakage``             the manifest's own leakage check passed, and none of its training
+                        scenarios (by id, content hash or prompt hash) is in today's held-out set
+
+Blocking (reads files, hashes an adapter): call it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelsmith.errors import ModelsmithError
+from modelsmith.loop.evaluation import (
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    eval_dir,
+    read_results,
+    read_summary,
+    regressions_against,
+)
+from modelsmith.loop.fleet import ClusterRuntime
+from modelsmith.loop.ledger import Ledger, LedgerEntry
+from modelsmith.loop.scenarios import prompt_hash, scenario_hash
+from modelsmith.rpc.schema.evals import EvalSummary
+from modelsmith.rpc.schema.promotion import PolicyCheck, PolicyReport
+
+__all__ = [
+    "TRAINING_MANIFEST",
+    "GateEvidence",
+    "champion_eval_tag",
+    "check_policy",
+    "default_eval_tag",
+    "iteration_of",
+    "sha256_file",
+]
+
+TRAINING_MANIFEST = "training_manifest.json"
+
+# Phases in which a new request makes no sense: the candidate is about to change or be judged.
+_BLOCKING_PHASES = frozenset({"training", "awaiting_approval", "failed"})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iteration_of(adapter: str | None) -> int:
+    """``"iter-17"`` -> 17; the base model (None) is iteration 0."""
+    if adapter is None:
+        return 0
+    prefix, _, number = adapter.rpartition("-")
+    return int(number) if prefix == "iter" and number.isdigit() else 0
+
+
+def champion_eval_tag(ledger: Ledger) -> str | None:
+    """The eval tag that made the current champion (set by approvals and rollbacks)."""
+    tag: str | None = None
+    for entry in ledger.entries():
+        if entry.kind in ("promotion.approved", "rollback.done"):
+            value = entry.data.get("eval_tag")
+            tag = str(value) if value is not None else None
+    return tag
+
+
+def default_eval_tag(ledger: Ledger, candidate: str | None) -> str | None:
+    """The newest finished eval of ``candidate``; else the newest eval (so the gate says why)."""
+    finished = ledger.find("eval.finished")
+    for entry in reversed(finished):
+        if candidate is not None and entry.data.get("adapter") == candidate:
+            return str(entry.data["tag"])
+    return str(finished[-1].data["tag"]) if finished else None
+
+
+def _eval_entry(ledger: Ledger, tag: str) -> LedgerEntry | None:
+    for entry in reversed(ledger.find("eval.finished")):
+        if entry.data.get("tag") == tag:
+            return entry
+    return None
+
+
+def _base_eval_tag(ledger: Ledger) -> str | None:
+    for entry in reversed(ledger.find("eval.finished")):
+        if entry.data.get("adapter") is None:
+            return str(entry.data["tag"])
+    return None
+
+
+def _iteration_entry(ledger: Ledger, adapter: str) -> LedgerEntry | None:
+    for entry in reversed(ledger.find("iteration.advanced")):
+        if entry.data.get("adapter") == adapter:
+            return entry
+    return None
+
+
+@dataclass
+class GateEvidence:
+    """What the gate looked at: the report plus the facts a promotion record binds."""
+
+    report: PolicyReport
+    summary: EvalSummary | None = None
+    summary_sha256: str | None = None
+    adapter_sha256: str | None = None
+    training_manifest: dict[str, Any] | None = None
+    training_manifest_sha256: str | None = None
+    champion: str | None = None
+    champion_eval_tag: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Checks:
+    def __init__(self) -> None:
+        self.items: list[PolicyCheck] = []
+
+    def add(self, check: str, passed: bool, detail: str) -> bool:
+        self.items.append(PolicyCheck(check=check, passed=passed, detail=detail))
+        return passed
+
+
+def check_policy(runtime: ClusterRuntime, eval_tag: str | None = None) -> GateEvidence:
+    """Judge ``runtime``'s candidate and ``eval_tag`` (default: its newest eval); see module doc.
+
+    Never raises for a failing rule; raises Unavailable when the cluster's ledger or scenario
+    sets are not loaded (there is nothing to judge against).
+    """
+    ledger = runtime.require_ledger()
+    catalog = runtime.require_catalog()
+    checks = _Checks()
+    candidate = runtime.candidate
+    tag = eval_tag if eval_tag is not None else default_eval_tag(ledger, candidate)
+    evidence = GateEvidence(report=PolicyReport(
+        cluster=runtime.cluster.name, iteration=runtime.iteration, adapter=candidate,
+        eval_tag=tag, composite=None, held_out=None, passed=False, checks=[]))
+    evidence.champion = runtime.champion
+    evidence.champion_eval_tag = champion_eval_tag(ledger)
+
+    blocked = runtime.pending_promotion is not None or runtime.phase in _BLOCKING_PHASES
+    pending = f"request {runtime.pending_promotion} awaits a decision; approve or reject it first"
+    checks.add("cluster_state", not blocked,
+               pending if runtime.pending_promotion else f"cluster is {runtime.phase}")
+    checks.add("candidate", candidate is not None,
+               f"candidate adapter {candidate}" if candidate else
+               "no candidate adapter: train an iteration first (or it was promoted already)")
+
+    summary = _check_eval(runtime, ledger, tag, checks, evidence)
+    _check_adapter(runtime, candidate, summary, checks, evidence)
+    current_sets = catalog.versions()
+    if summary is None:
+        checks.add("scenario_sets", False, "no eval to compare scenario-set versions with")
+    else:
+        stale = sorted(k for k in set(current_sets) | set(summary.scenario_sets)
+                       if current_sets.get(k) != summary.scenario_sets.get(k))
+        checks.add("scenario_sets", not stale,
+                   "eval used the current governed scenario sets" if not stale else
+                   f"sets changed since the eval: {', '.join(stale)}; run a new full eval")
+    _check_scores(runtime, summary, checks, evidence)
+    _check_training(runtime, ledger, candidate, checks, evidence)
+
+    passed = all(item.passed for item in checks.items)
+    evidence.report = PolicyReport(
+        cluster=runtime.cluster.name, iteration=runtime.iteration, adapter=candidate,
+        eval_tag=tag, composite=summary.composite if summary else None,
+        held_out=summary.held_out if summary else None, passed=passed, checks=checks.items)
+    return evidence
+
+
+def _check_eval(runtime: ClusterRuntime, ledger: Ledger, tag: str | None, checks: _Checks,
+                evidence: GateEvidence) -> EvalSummary | None:
+    if tag is None:
+        checks.add("eval_found", False, "no finished eval: run `modelsmith eval` (type full)")
+        checks.add("eval_full", False, "no eval")
+        return None
+    try:
+        summary = read_summary(runtime, tag)
+        summary_bytes = (eval_dir(runtime, tag) / SUMMARY_FILE).read_bytes()
+    except ModelsmithError as exc:
+        checks.add("eval_found", False, exc.message)
+        checks.add("eval_full", False, "no eval")
+        return None
+    evidence.summary = summary
+    evidence.summary_sha256 = hashlib.sha256(summary_bytes).hexdigest()
+    entry = _eval_entry(ledger, tag)
+    if entry is None:
+        checks.add("eval_found", False, f"eval {tag} has no eval.finished entry in the ledger")
+    elif entry.data.get("summary_sha256") != evidence.summary_sha256:
+        checks.add("eval_found", False,
+                   f"evals/{tag}/summary.json does not match the hash in the ledger (altered?)")
+    else:
+        checks.add("eval_found", True, f"eval {tag} finished and matches the ledger")
+    full = summary.type == "full" and not summary.quick
+    kind = f"{summary.type}{' --quick' if summary.quick else ''}"
+    checks.add("eval_full", full, f"eval type {kind}" if full else
+               f"eval type is {kind}; the gate needs a full eval (core + held-out, not --quick)")
+    return summary
+
+
+def _check_adapter(runtime: ClusterRuntime, candidate: str | None, summary: EvalSummary | None,
+                   checks: _Checks, evidence: GateEvidence) -> None:
+    if summary is None or candidate is None:
+        checks.add("eval_of_candidate", False, "no eval of a candidate to check")
+        checks.add("adapter_hash", False, "no candidate adapter to hash")
+        return
+    checks.add("eval_of_candidate", summary.adapter == candidate,
+               f"eval is of {candidate}" if summary.adapter == candidate else
+               f"eval is of {summary.adapter or 'the base model'}, not the candidate "
+               f"{candidate}; run `modelsmith eval --adapter candidate`")
+    from modelsmith.gpu.adapters import verify_adapter
+
+    try:
+        manifest = verify_adapter(runtime.adapter_path(candidate))
+    except ModelsmithError as exc:
+        checks.add("adapter_hash", False, f"adapter {candidate} does not verify: {exc.message}")
+        return
+    evidence.adapter_sha256 = manifest.adapter_sha256
+    same = summary.adapter_hash == manifest.adapter_sha256
+    checks.add("adapter_hash", same,
+               f"adapter {candidate} is the one evaluated ({manifest.adapter_sha256[:12]})" if same
+               else f"adapter {candidate} hashes to {manifest.adapter_sha256[:12]}, the eval saw "
+               f"{(summary.adapter_hash or 'none')[:12]}; re-run the eval")
+
+
+def _check_scores(runtime: ClusterRuntime, summary: EvalSummary | None, checks: _Checks,
+                  evidence: GateEvidence) -> None:
+    thresholds = runtime.cluster.config.thresholds
+    policy = runtime.cluster.config.policy
+    if summary is None:
+        checks.add("composite", False, "no eval")
+        checks.add("held_out", False, "no eval")
+        checks.add("regressions", False, "no eval")
+        return
+    checks.add("composite", summary.composite >= thresholds.composite,
+               f"composite {summary.composite:.3f} vs threshold {thresholds.composite:.3f}")
+    held = summary.held_out
+    checks.add("held_out", held is not None and held >= thresholds.held_out,
+               f"held-out {held:.3f} vs threshold {thresholds.held_out:.3f}" if held is not None
+               else "the eval has no held-out score")
+    # Without a champion the base model is what the candidate would replace.
+    baseline_tag = evidence.champion_eval_tag or _base_eval_tag(runtime.require_ledger())
+    if baseline_tag is not None and baseline_tag != summary.tag:
+        champion_results = read_results(eval_dir(runtime, baseline_tag) / RESULTS_FILE)
+        if not champion_results:
+            checks.add("regressions", False,
+                       f"the champion's eval {baseline_tag} has no results to compare with")
+            return
+        current = read_results(eval_dir(runtime, summary.tag) / RESULTS_FILE)
+        report = regressions_against(current, champion_results, baseline_tag)
+    else:
+        report = summary.regressions
+    against = f"vs {report.baseline_tag}" if report.baseline_tag else "no baseline"
+    ids = f": {', '.join(report.scenario_ids[:10])}" if report.scenario_ids else ""
+    evidence.extra["regressions"] = {"baseline_tag": report.baseline_tag, "count": report.count,
+                                     "compared": report.compared,
+                                     "scenario_ids": report.scenario_ids}
+    checks.add("regressions", report.count <= policy.max_regressions,
+               f"{report.count} of {report.compared} regressed {against} "
+               f"(max {policy.max_regressions}){ids}")
+
+
+def _check_training(runtime: ClusterRuntime, ledger: Ledger, candidate: str | None,
+                    checks: _Checks, evidence: GateEvidence) -> None:
+    if candidate is None:
+        checks.add("training_manifest", False, "no candidate adapter")
+        checks.add("leakage", False, "no training manifest to check")
+        return
+    path = runtime.adapter_path(candidate) / TRAINING_MANIFEST
+    try:
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        checks.add("training_manifest", False, f"no {TRAINING_MANIFEST} in adapters/{candidate}")
+        checks.add("leakage", False, "no training manifest to check")
+        return
+    except ValueError as exc:
+        checks.add("training_manifest", False, f"adapters/{candidate}/{TRAINING_MANIFEST}: {exc}")
+        checks.add("leakage", False, "no readable training manifest to check")
+        return
+    digest = hashlib.sha256(raw).hexdigest()
+    evidence.training_manifest = manifest
+    evidence.training_manifest_sha256 = digest
+    entry = _iteration_entry(ledger, candidate)
+    recorded = entry.data.get("training_manifest_sha256") if entry else None
+    problems = []
+    if entry is None:
+        problems.append(f"no iteration.advanced entry for {candidate} in the ledger")
+    elif recorded is not None and recorded != digest:
+        problems.append("its sha256 differs from the ledger's iteration.advanced entry (altered?)")
+    if manifest.get("cluster") not in (None, runtime.cluster.name):
+        problems.append(f"it is for cluster {manifest.get('cluster')!r}")
+    checks.add("training_manifest", not problems,
+               "; ".join(problems) if problems else
+               f"adapters/{candidate}/{TRAINING_MANIFEST} matches the ledger ({digest[:12]})")
+    _check_leakage(runtime, manifest, checks)
+
+
+def _check_leakage(runtime: ClusterRuntime, manifest: dict[str, Any], checks: _Checks) -> None:
+    catalog = runtime.require_catalog()
+    leakage = manifest.get("leakage_check")
+    own_ok = isinstance(leakage, dict) and leakage.get("ok") is True
+    trained = manifest.get("scenarios")
+    if not isinstance(trained, list):
+        checks.add("leakage", False, "the training manifest lists no training scenarios")
+        return
+    trained_ids = {str(item.get("id")) for item in trained if isinstance(item, dict)}
+    trained_hashes = {str(item.get(key)) for item in trained if isinstance(item, dict)
+                      for key in ("hash", "prompt_hash") if item.get(key)}
+    held = catalog.held_out.scenarios
+    held_ids = {s.id for s in held}
+    # Content and prompt hashes both: a held-out prompt copied under a new id is still a leak.
+    held_hashes = {scenario_hash(s) for s in held} | {prompt_hash(s) for s in held}
+    leaked = sorted(trained_ids & held_ids)
+    leaked_hashes = sorted(trained_hashes & held_hashes)
+    problems = []
+    if not own_ok:
+        problems.append("the trainer's own leakage check did not pass")
+    if leaked:
+        problems.append(f"held-out ids were trained on: {', '.join(leaked[:10])}")
+    if leaked_hashes:
+        problems.append(f"{len(leaked_hashes)} trained scenario hash(es) are in the held-out set")
+    checks.add("leakage", not problems,
+               "; ".join(problems) if problems else
+               f"none of {len(trained_ids)} training scenarios is among {len(held_ids)} held-out")
