@@ -151,10 +151,20 @@ def command_modules() -> list[Callable[[Any, Callable[..., argparse.ArgumentPars
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--socket", help="daemon socket (default: $MODELSMITH_SOCKET, then $XDG_RUNTIME_DIR/modelsmith/modelsmith.sock)")
-    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the daemon per call")
+    def common_options(defaults: bool) -> argparse.ArgumentParser:
+        # The options are accepted before and after the command; a subcommand must not reset a
+        # value given before it, so there its defaults are SUPPRESSed.
+        def d(value: Any) -> Any:
+            return value if defaults else argparse.SUPPRESS
+
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--socket", default=d(None), help="daemon socket (default: $MODELSMITH_SOCKET, then $XDG_RUNTIME_DIR/modelsmith/modelsmith.sock)")
+        common.add_argument("--json", action="store_true", default=d(False), help="machine-readable JSON output")
+        common.add_argument("--timeout", type=float, default=d(60.0), help="seconds to wait for the daemon per call")
+        return common
+
+    common = common_options(True)
+    sub_common = common_options(False)
 
     parser = argparse.ArgumentParser(
         prog="modelsmith",
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Command, help: str, **kw: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, parents=[common], **kw)
+        p = sub.add_parser(name, help=help, parents=[sub_common], **kw)
         p.set_defaults(fn=fn)
         return p
 
