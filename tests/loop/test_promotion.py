@@ -30,6 +30,7 @@ from modelsmith.errors import (
     GateFailed,
     NotFound,
     SignatureError,
+    Unavailable,
     ValidationError,
 )
 from modelsmith.loop.approval import make_statement
@@ -428,3 +429,28 @@ async def test_records_missing_from_the_ledger_are_reported(gate: Gate) -> None:
 
     assert problems == ["promotions/2026-01-01-stray.json: record file is not in the ledger"]
 
+
+
+async def test_a_decision_whose_ledger_entry_was_lost_is_completed_from_its_record(
+    gate: Gate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, request_id = await _pending(gate)
+    ledger = gate.ledger
+    real_append = ledger.append
+
+    def disk_gone(kind: str, data: dict[str, Any]) -> Any:
+        if kind == "promotion.approved":
+            raise Unavailable("disk gone")
+        return real_append(kind, data)
+
+    monkeypatch.setattr(ledger, "append", disk_gone)
+    with pytest.raises(Unavailable):
+        await gate.decide(service, request_id)
+    monkeypatch.undo()
+    assert gate.runtime is not None and gate.runtime.pending_promotion == request_id
+
+    decided = await gate.decide(service, request_id, "bob")  # any later call finishes it
+
+    assert decided.status == "approved" and decided.approvals == ["alice"]
+    assert gate.runtime.champion == "iter-1"
+    assert verify_cluster_records(gate.home.root) == []
