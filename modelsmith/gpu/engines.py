@@ -29,7 +29,7 @@ def default_engine_factory(name: str, cluster: Cluster) -> Any:
 
         if not cfg.engine.url:
             raise EngineError(f"cluster {cluster.name}: engine.url is required for kind 'openai'")
-        return OpenAIEngine(name, cfg.engine.url, str(cfg.model.base), api_key_env=cfg.engine.api_key_env)
+        return OpenAIEngine(name, cfg.engine.url, str(cluster.base_model), api_key_env=cfg.engine.api_key_env)
     from modelsmith.gpu.vllm_engine import VllmEngine
 
     return VllmEngine(
