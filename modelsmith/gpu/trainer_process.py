@@ -168,9 +168,15 @@ class TrainerProcess:
         self.pid = process.pid
         atomic_write_text(self.work_dir / PID_FILE, f"{process.pid}\n")
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump_stderr, process)
-                await self._pump_stdout(process)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump_stderr, process)
+                    await self._pump_stdout(process)
+            except BaseExceptionGroup as group:
+                # Only on_event can raise here: give the caller its exception, not our group.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
             return await process.wait()
         except BaseException:
             with anyio.CancelScope(shield=True):
