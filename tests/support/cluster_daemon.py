@@ -51,7 +51,7 @@ SESSION_CLUSTERS: dict[str, dict[str, Any]] = {
     # Eval tests that need a fresh ledger (baselines and regressions).
     "rtb-evals": {"max_steps": 10},
     # A short GRPO run followed by the automatic follow-up eval.
-    "rtb-train": {"max_steps": 12, "learning_rate": 5e-3},
+    "rtb-train": {"max_steps": 40, "learning_rate": 3e-2},
     # A long GRPO run to cancel in the middle.
     "rtb-cancel": {"max_steps": 400},
     # Spares for the MCP and demo tests of colleagues.
