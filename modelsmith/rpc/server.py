@@ -45,6 +45,9 @@ log = structlog.get_logger("modelsmith.rpc")
 
 _request_decoder = msgspec.json.Decoder(Request)
 
+# How long a reply may take to reach a client that stopped reading.
+REPLY_SEND_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
@@ -61,21 +64,65 @@ class Connection:
         self, stream: anyio.abc.SocketStream, peer: PeerCredentials, task_group: anyio.abc.TaskGroup
     ) -> None:
         self._stream = stream
-        self._send_lock = anyio.Lock()
+        self._raw_socket: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        # fast_acquire: an uncontended lock (the common case) costs no event-loop round trip.
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._task_group = task_group
         self.peer = peer
         self.subscriptions = 0
         self.inflight = 0
         self.closed = False
 
-    async def send_message(self, payload: bytes) -> None:
+    async def send_message(self, payload: bytes, *, shielded_timeout: float | None = None) -> None:
+        """Send one frame; frames never interleave.
+
+        With ``shielded_timeout`` the send goes on even while the connection's scope is being
+        cancelled (a reply must reach its client), for at most that many seconds.
+        """
         if self.closed:
             return
-        async with self._send_lock:
-            try:
-                await self._stream.send(frame(payload))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        data = frame(payload)
+        try:
+            if not self._send_lock.locked():
+                # Fast path, without a single await: nobody else is sending, so the frame goes
+                # straight to the non-blocking socket, which nearly always takes all of it.
+                # (anyio's send() would first yield to the event loop: a whole extra loop turn.)
+                self._send_lock.acquire_nowait()
+                try:
+                    rest = data[self._write_now(data) :]
+                    if rest:
+                        await self._send_rest(rest, shielded_timeout)
+                finally:
+                    self._send_lock.release()
+                return
+            if shielded_timeout is None:
+                async with self._send_lock:
+                    await self._stream.send(data)
+                return
+            with anyio.move_on_after(shielded_timeout, shield=True) as scope:
+                async with self._send_lock:
+                    await self._stream.send(data)
+            if scope.cancelled_caught:
                 self.closed = True
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.closed = True
+
+    def _write_now(self, data: bytes) -> int:
+        try:
+            return self._raw_socket.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def _send_rest(self, rest: bytes, shielded_timeout: float | None) -> None:
+        # The socket buffer is full: wait for writability through the stream (lock held).
+        if shielded_timeout is None:
+            await self._stream.send(rest)
+            return
+        with anyio.move_on_after(shielded_timeout, shield=True) as scope:
+            await self._stream.send(rest)
+        if scope.cancelled_caught:
+            # Part of a frame is on the wire: nothing more can be sent on this connection.
+            self.closed = True
 
     async def notify(self, method: str, params: Any) -> None:
         """Send a server-to-client notification (no id, no reply expected)."""
@@ -159,7 +206,7 @@ class RpcServer:
         tg: anyio.abc.TaskGroup,
     ) -> None:
         reader = BufferedByteReceiveStream(stream)
-        limiter = anyio.Semaphore(self.limits.max_inflight)
+        limiter = anyio.Semaphore(self.limits.max_inflight, fast_acquire=True)
         while not connection.closed:
             header: bytes | None = None
             with anyio.move_on_after(self.limits.idle_timeout) as idle:
@@ -183,8 +230,12 @@ class RpcServer:
                 )
                 return
             try:
-                with anyio.fail_after(self.limits.read_timeout):
+                if len(reader.buffer) >= size:
+                    # The body came with its header (the common case): no read to time out.
                     body = await reader.receive_exactly(size)
+                else:
+                    with anyio.fail_after(self.limits.read_timeout):
+                        body = await reader.receive_exactly(size)
             except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead):
                 return
             await limiter.acquire()
@@ -198,8 +249,7 @@ class RpcServer:
             reply = await self.dispatch(body, connection)
             if reply is not None:
                 # The reply must reach the client even if the connection's scope is cancelled.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await connection.send_message(reply)
+                await connection.send_message(reply, shielded_timeout=REPLY_SEND_TIMEOUT_S)
         finally:
             connection.inflight -= 1
             limiter.release()
@@ -207,9 +257,11 @@ class RpcServer:
     async def dispatch(self, body: bytes, connection: Connection) -> bytes | None:
         """Decode, route and run one message; returns the encoded reply (None for notifications)."""
         request_id: int | str | None = None
+        is_notification = False
         try:
             request = _decode_request(body)
             request_id = request.id
+            is_notification = request.id is None
             if request.jsonrpc != "2.0":
                 raise InvalidRequest("jsonrpc must be '2.0'")
             spec = self.table.get(request.method)
@@ -223,6 +275,10 @@ class RpcServer:
             error: ErrorObject = error_to_wire(exc)
             if error.code == -32603:
                 log.exception("internal error in RPC handler", request_id=request_id)
+            if is_notification:
+                # JSON-RPC: a notification never gets a reply, not even an error. (An error with
+                # id null would also read as a connection-level error to the client.)
+                return None
             return encoder.encode(Response(id=request_id, error=error))
 
 

@@ -149,11 +149,6 @@ def test_cancelling_an_unknown_job_is_refused_with_exit_4(
     assert run_cli(daemon, "cancel", "deadbeef") == EXIT_REFUSED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug in clients/cli.py: options given before the command are overwritten by "
-    "the subcommand's defaults (argparse parents on both levels); reported, not fixed here",
-)
 def test_options_before_the_command_count_as_well(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:

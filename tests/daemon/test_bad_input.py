@@ -136,6 +136,15 @@ def test_a_notification_gets_no_reply_but_the_next_request_does(daemon: DaemonPr
     assert reply is not None and reply["id"] == 9
 
 
+def test_a_failing_notification_gets_no_error_reply_either(daemon: DaemonProcess) -> None:
+    with raw_connect(daemon.socket_path) as sock:
+        send_message(sock, {"jsonrpc": "2.0", "method": "no.such.method"})
+        send_message(sock, {"jsonrpc": "2.0", "method": "cluster.status", "params": {"cluster": 1}})
+        send_frame(sock, request("daemon.ping", request_id=10))
+        reply = read_frame(sock)
+    assert reply is not None and reply["id"] == 10 and reply["result"]["pong"] is True
+
+
 def test_an_oversized_frame_header_gets_frame_too_large_and_the_connection_is_closed(
     daemon: DaemonProcess,
 ) -> None:

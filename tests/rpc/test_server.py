@@ -218,3 +218,23 @@ def test_the_listener_socket_is_created_0660_in_a_0750_directory(short_tmp: Path
         assert path.parent.stat().st_mode & 0o777 == 0o750
     finally:
         sock.close()
+
+
+async def test_replies_larger_than_the_socket_buffer_arrive_whole_even_several_at_once() -> None:
+    table = MethodTable()
+
+    async def big(params: Named, ctx: CallContext) -> str:
+        # Far above a Unix socket's buffer: the write is partial and the rest must follow in order.
+        return params.name * 1_000_000
+
+    table.add("test.big", Named, big)
+    answers: dict[str, str] = {}
+    async with serving(table) as client:
+
+        async def fetch(letter: str) -> None:
+            answers[letter] = await client.call("test.big", {"name": letter}, result_type=str)
+
+        async with anyio.create_task_group() as tg:
+            for letter in "abcd":
+                tg.start_soon(fetch, letter)
+    assert answers == {letter: letter * 1_000_000 for letter in "abcd"}
