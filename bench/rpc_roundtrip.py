@@ -13,7 +13,9 @@ length + a small JSON message) and sends each frame straight back. Then measures
   the echo server.
 
 Prints p50/p99 per call and the ratios. Targets: daemon p50 <= 3x the raw echo's, p99 < 1 ms
-(single client). It prints; it never asserts.
+(single client). It also prints the server process's CPU time per call (from /proc), which
+background load on the machine disturbs far less than wall-clock latency. It prints; it never
+asserts.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +73,16 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-@dataclass(frozen=True)
+@dataclass
 class Result:
     name: str
     latencies_ns: list[int]
     wall_s: float
+    server_cpu_s: float = 0.0
+
+    @property
+    def server_cpu_us(self) -> float:
+        return self.server_cpu_s / self.calls * 1e6
 
     @property
     def calls(self) -> int:
@@ -94,8 +101,21 @@ class Result:
         return self.calls / self.wall_s
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_server_cpu(pid: int, run: Callable[[], Result]) -> Result:
+    before = cpu_seconds(pid)
+    result = run()
+    result.server_cpu_s = cpu_seconds(pid) - before
+    return result
+
+
 @contextlib.contextmanager
-def echo_server(path: Path) -> Iterator[None]:
+def echo_server(path: Path) -> Iterator[int]:
     process = subprocess.Popen(
         [sys.executable, "-c", ECHO_SERVER, str(path)], stdout=subprocess.PIPE, text=True
     )
@@ -103,7 +123,7 @@ def echo_server(path: Path) -> Iterator[None]:
         assert process.stdout is not None
         if process.stdout.readline().strip() != "ready":
             raise RuntimeError("the echo server did not start")
-        yield
+        yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -194,9 +214,12 @@ async def _concurrent_daemon(path: Path, clients: int, per_client: int, warmup: 
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"{'case':<36} {'calls':>7} {'p50 us':>9} {'p99 us':>9} {'calls/s':>10}")
+    print(f"{'case':<36} {'calls':>7} {'p50 us':>9} {'p99 us':>9} {'calls/s':>10} {'server CPU us/call':>19}")
     for r in results:
-        print(f"{r.name:<36} {r.calls:>7} {r.p50_us:>9.1f} {r.percentile_us(0.99):>9.1f} {r.rate:>10.0f}")
+        print(
+            f"{r.name:<36} {r.calls:>7} {r.p50_us:>9.1f} {r.percentile_us(0.99):>9.1f} {r.rate:>10.0f} "
+            f"{r.server_cpu_us:>19.1f}"
+        )
 
 
 def main() -> None:
@@ -210,15 +233,24 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M:%S')}")
     with short_tmp_dir("msbench-") as base, start_daemon(
         Path(tempfile.mkdtemp(prefix="home-", dir=base)), socket_path=base / "run" / "ms.sock"
-    ) as daemon, echo_server(base / "echo.sock"):
+    ) as daemon, echo_server(base / "echo.sock") as echo_pid:
         echo_path = base / "echo.sock"
+        warm = args.warmup // args.clients
         single = [
-            bench_blocking_echo(echo_path, args.calls, args.warmup),
-            bench_blocking_daemon(daemon.socket_path, args.calls, args.warmup),
+            with_server_cpu(echo_pid, lambda: bench_blocking_echo(echo_path, args.calls, args.warmup)),
+            with_server_cpu(
+                daemon.pid, lambda: bench_blocking_daemon(daemon.socket_path, args.calls, args.warmup)
+            ),
         ]
         concurrent = [
-            anyio.run(_concurrent_echo, echo_path, args.clients, per_client, args.warmup // args.clients),
-            anyio.run(_concurrent_daemon, daemon.socket_path, args.clients, per_client, args.warmup // args.clients),
+            with_server_cpu(
+                echo_pid,
+                lambda: anyio.run(_concurrent_echo, echo_path, args.clients, per_client, warm),
+            ),
+            with_server_cpu(
+                daemon.pid,
+                lambda: anyio.run(_concurrent_daemon, daemon.socket_path, args.clients, per_client, warm),
+            ),
         ]
     print()
     print_table(single + concurrent)
@@ -228,6 +260,9 @@ def main() -> None:
             f"{label:<14} p50 ratio daemon/echo {ours.p50_us / echo.p50_us:5.2f}x (target <= 3x)   "
             f"p99 ratio {ours.percentile_us(0.99) / echo.percentile_us(0.99):5.2f}x"
         )
+    for label, (echo, ours) in (("single client", single), (f"{args.clients} clients", concurrent)):
+        print(f"{label:<14} server CPU per call daemon/echo {ours.server_cpu_us / echo.server_cpu_us:5.2f}x")
+    print(f"load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     p99 = single[1].percentile_us(0.99)
     print(f"single-client daemon p99 {p99:.0f} us (target < 1000 us): {'met' if p99 < 1000 else 'MISSED'}")
 
