@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 import pytest
 
 from modelsmith.errors import ConflictError, InvalidParams, NotFound
 from modelsmith.examples import rtb_pricing
+from modelsmith.loop.cluster import load_cluster
+from modelsmith.loop.eval_service import EvalService
+from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, execute_eval
+from modelsmith.loop.fleet import ClusterRuntime
+from modelsmith.loop.jobs import Job
+from modelsmith.rpc.schema.evals import EvalRunParams
 
 if TYPE_CHECKING:
     from support.cluster_daemon import ClusterDaemon
@@ -124,3 +134,41 @@ def test_an_unknown_field_in_eval_run_params_is_invalid_params(cluster_daemon: C
     with pytest.raises(InvalidParams) as caught:
         cluster_daemon.call("eval.run", {"cluster": "rtb-pass", "quik": True})
     assert caught.value.code == -32602
+
+
+async def test_a_resumed_eval_cuts_the_torn_line_and_counts_no_scenario_twice(
+    cluster_model_dir: Path, tmp_path: Path
+) -> None:
+    from modelsmith.gpu.engine import Sampling
+    from modelsmith.gpu.vllm_engine import VllmEngine, cpu_engine_env
+
+    os.environ.update(cpu_engine_env())
+    root = rtb_pricing.write_cluster(tmp_path / "home", cluster_model_dir)
+    runtime = ClusterRuntime(load_cluster(root))
+    await anyio.to_thread.run_sync(runtime.open)
+    service = EvalService(None, None, None)  # type: ignore[arg-type]  # plan() reads only the runtime
+    sampling = Sampling(temperature=0.0, max_tokens=4)
+    engine = VllmEngine("resume", cluster_model_dir, max_model_len=256, max_lora_rank=8, max_loras=1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        await engine.wait_ready(timeout=300)
+        with anyio.fail_after(300):
+            whole_plan = service.plan(runtime, EvalRunParams(cluster=rtb_pricing.CLUSTER, tag="whole", quick=True))
+            await execute_eval(runtime, whole_plan, Job("j1", "eval", rtb_pricing.CLUSTER), engine, sampling, baseline=None)
+            whole = (eval_dir(runtime, "whole") / RESULTS_FILE).read_bytes().splitlines(keepends=True)
+            # A crash mid-append: five whole lines and half of the sixth.
+            partial_path = eval_dir(runtime, "resumed") / RESULTS_FILE
+            partial_path.parent.mkdir(parents=True)
+            partial_path.write_bytes(b"".join(whole[:5]) + whole[5][: len(whole[5]) // 2])
+            plan = service.plan(runtime, EvalRunParams(cluster=rtb_pricing.CLUSTER, tag="resumed-plan", quick=True))
+            plan = dataclasses.replace(plan, tag="resumed")
+            summary = await execute_eval(runtime, plan, Job("j2", "eval", rtb_pricing.CLUSTER), engine, sampling, baseline=None)
+        tg.cancel_scope.cancel()
+
+    lines = partial_path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == len(whole) == summary.scored == 12
+    assert lines[:5] == whole[:5]  # kept as they were, not re-run
+    ids = [msgspec.json.decode(line)["scenario_id"] for line in lines]  # every line whole again
+    assert len(set(ids)) == len(ids)
+    by_id = {msgspec.json.decode(line)["scenario_id"]: msgspec.json.decode(line)["response"] for line in whole}
+    assert all(by_id[i] == msgspec.json.decode(line)["response"] for i, line in zip(ids, lines, strict=True))
