@@ -55,13 +55,22 @@ _INHERITED_NOISE = (
     "MODELSMITH_HOME",
 )
 
-# What systemd does between fork and exec: the listening socket becomes fd 3 and LISTEN_PID
-# names the process (a pid survives exec, so the daemon sees itself named); with a watchdog,
-# WATCHDOG_PID names it too. argv: <fd or "-"> <python args of the daemon...>.
+# Runs between the test and the daemon, then execs the daemon (same pid):
+# - it asks the kernel for SIGTERM when the test process dies (PR_SET_PDEATHSIG), so a killed
+#   test run never leaves a daemon behind;
+# - it does what systemd does between fork and exec: the listening socket becomes fd 3 and
+#   LISTEN_PID names the process (a pid survives exec, so the daemon sees itself named); with
+#   a watchdog, WATCHDOG_PID names it too.
+# argv: <test pid> <listen fd or "-"> <"watchdog-pid" or "-"> <python args of the daemon...>
 _EXEC_WRAPPER = """\
-import os, sys
-if sys.argv[1] != "-":
-    fd = int(sys.argv[1])
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the test process is gone")
+if sys.argv[2] != "-":
+    fd = int(sys.argv[2])
     if fd != 3:
         os.dup2(fd, 3)
         os.close(fd)
@@ -69,9 +78,9 @@ if sys.argv[1] != "-":
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = "1"
     os.environ["LISTEN_FDNAMES"] = "modelsmith.socket"
-if "WATCHDOG_USEC" in os.environ:
+if sys.argv[3] == "watchdog-pid":
     os.environ["WATCHDOG_PID"] = str(os.getpid())
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, *sys.argv[4:]])
 """
 
 NotifyMessage = dict[str, str]
@@ -326,14 +335,12 @@ def spawn_daemon(
         child_env = _child_env(notify.address, env)
         if watchdog_usec is not None:
             child_env["WATCHDOG_USEC"] = str(watchdog_usec)
-        if listen_socket is not None or watchdog_usec is not None:
-            fd = "-"
-            if listen_socket is not None:
-                pass_fds = (listen_socket.fileno(),)
-                fd = str(listen_socket.fileno())
-            command = [sys.executable, "-c", _EXEC_WRAPPER, fd, *daemon_args]
-        else:
-            command = [sys.executable, *daemon_args]
+        fd = "-"
+        if listen_socket is not None:
+            pass_fds = (listen_socket.fileno(),)
+            fd = str(listen_socket.fileno())
+        watchdog_pid = "-" if watchdog_usec is None else "watchdog-pid"
+        command = [sys.executable, "-c", _EXEC_WRAPPER, str(os.getpid()), fd, watchdog_pid, *daemon_args]
         log_path = scratch / "daemon.log"
         try:
             with log_path.open("wb") as log_file:
