@@ -14,6 +14,7 @@ from modelsmith.errors import ConflictError, ValidationError
 def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
     """Create the listening socket at ``path``.
 
+    A missing directory is created 0750 (group ``group``); an existing one is left as it is.
     A stale socket file (nobody accepting) is replaced; a live one means another daemon owns it
     and is refused with ConflictError.
     """
@@ -24,10 +25,13 @@ def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
         except KeyError:
             raise ValidationError(f"socket_group {group!r} does not exist", data={"field": "socket_group"}) from None
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o750)
-    if gid != -1:
-        os.chown(directory, -1, gid)
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        # Only a directory we created is ours to restrict: `--socket /tmp/x.sock` must not turn
+        # /tmp (or anyone's existing directory) into 0750.
+        os.chmod(directory, 0o750)
+        if gid != -1:
+            os.chown(directory, -1, gid)
     if path.exists() or path.is_symlink():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

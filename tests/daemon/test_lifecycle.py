@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import stat
@@ -27,6 +28,18 @@ def test_the_socket_is_0660_inside_a_0750_directory(short_tmp: Path) -> None:
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(mode) == 0o660
         assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o750
+
+
+def test_a_socket_in_an_existing_shared_directory_leaves_that_directorys_mode_alone(
+    short_tmp: Path,
+) -> None:
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    socket_path = shared / "ms.sock"
+    with start_daemon(short_tmp / "home", socket_path=socket_path):
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o660
 
 
 def test_sigterm_with_clients_connected_exits_0_removes_the_socket_and_closes_every_client(
