@@ -10,6 +10,7 @@ set against it so ``eval.compare`` shows what the iteration fixed and broke.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -197,10 +198,13 @@ class TrainService:
         trained_at: float
         try:
             job.message = "waiting for a device lease"
-            async with self.leases.lease(f"train:{job.job_id}", on_position=on_position):
+            async with self.leases.lease(f"train:{job.job_id}", on_position=on_position) as device:
                 runtime.phase = "training"
                 job.message = "training"
-                outcome = await run_trainer(spec, on_event=on_event, log_path=log_path)
+                # The trainer sees only its leased GPU (else the HF Trainer takes every one).
+                env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
+                       if device.kind == "cuda" else None)
+                outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env)
             trained_at = time.monotonic()
             stopped = outcome.stopped
             if stopped is None or stopped.reason not in ("completed", "plateau"):
