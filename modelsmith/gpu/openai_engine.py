@@ -1,0 +1,330 @@
+"""An :class:`~modelsmith.gpu.engine.Engine` over any OpenAI-compatible HTTP server.
+
+For comparing against an external server (``vllm serve``, another box) or a frontier API. It
+sends chat messages to ``/v1/chat/completions``: the server applies its own chat template. A
+named adapter is sent as the ``model`` field, as ``vllm serve --lora-modules name=path`` expects.
+
+Resources and their handling: :meth:`OpenAIEngine.run` owns the HTTP client (closed, shielded
+and time-bounded, when it is cancelled) and checks ``GET /v1/models`` periodically: the engine
+is warm while the server answers and dead while it does not. Requests retry only failures to
+connect (the request never reached the server); every other failure is an EngineError at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+
+from modelsmith.errors import ConflictError, EngineError, NotFound, ValidationError
+from modelsmith.gpu.engine import (
+    Completion,
+    EngineInfo,
+    EngineLifecycle,
+    EngineState,
+    PromptInput,
+    Sampling,
+    generate_concurrently,
+)
+from modelsmith.gpu.prompting import messages_for
+
+__all__ = ["OpenAIEngine"]
+
+_BODY_EXCERPT = 300
+
+
+class OpenAIEngine:
+    """An Engine that talks to an OpenAI-compatible server at ``base_url``.
+
+    ``base_url`` is the server's root or its ``/v1`` URL. ``api_key_env`` names the environment
+    variable holding a bearer token (read at start, never stored in config). At most
+    ``concurrency`` requests are in flight at once; each may take ``request_timeout`` seconds.
+    """
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str | None = None,
+        concurrency: int = 32,
+        request_timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        connect_retries: int = 3,
+        retry_backoff: float = 0.5,
+        health_interval: float = 10.0,
+        health_timeout: float = 5.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValidationError("concurrency must be >= 1", data={"field": "concurrency"})
+        self.name = name
+        self.model = model
+        root = base_url.rstrip("/")
+        self.base_url = root if root.endswith("/v1") else f"{root}/v1"
+        self._api_key_env = api_key_env
+        self._concurrency = concurrency
+        self._timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
+        self._connect_retries = connect_retries
+        self._retry_backoff = retry_backoff
+        self._health_interval = health_interval
+        self._health_timeout = health_timeout
+        self._lifecycle = EngineLifecycle(name)
+        self._client: httpx.AsyncClient | None = None
+        self._adapters: dict[str, Path] = {}
+        self._load_seconds: float | None = None
+        self._restarts = 0
+
+    # -- status ---------------------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        """A snapshot of the engine (no pid: the server is not our process)."""
+        return EngineInfo(
+            name=self.name,
+            model=self.model,
+            kind=self.kind,
+            state=self._lifecycle.state,
+            load_seconds=self._load_seconds,
+            restarts=self._restarts,
+            adapters=sorted(self._adapters),
+            last_error=self._lifecycle.last_error,
+        )
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 (the Engine contract)
+        """Return once the server answers; EngineError if it does not within ``timeout``."""
+        await self._lifecycle.wait_ready(timeout)
+
+    async def health(self) -> bool:
+        """True when ``GET /v1/models`` answers 200 within the health timeout."""
+        return await self._probe() is None
+
+    async def _probe(self) -> str | None:
+        """None when the server is healthy, else why not."""
+        client = self._client
+        if client is None:
+            return "engine is not running"
+        try:
+            with anyio.fail_after(self._health_timeout):
+                response = await client.get("/models")
+        except TimeoutError:
+            return f"no answer from {self.base_url}/models within {self._health_timeout:g} s"
+        except httpx.HTTPError as exc:
+            return f"{self.base_url}/models: {type(exc).__name__}: {exc}"
+        if response.status_code != 200:
+            return f"{self.base_url}/models answered HTTP {response.status_code}"
+        return None
+
+    # -- generation -----------------------------------------------------------------------
+    async def generate(
+        self, prompt: PromptInput, sampling: Sampling, *, adapter: str | None = None
+    ) -> Completion:
+        """One chat completion; EngineError on any transport or server failure."""
+        self._lifecycle.require(EngineState.WARM)
+        model = self._model_for(adapter)
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages_for(prompt),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        payload = await self._post("/chat/completions", body)
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"]["content"] or ""
+            finish_reason = str(choice.get("finish_reason") or "stop")
+            usage = payload.get("usage") or {}
+            token_count = int(usage.get("completion_tokens") or 0)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise EngineError(
+                f"engine {self.name!r}: unexpected completion shape from {self.base_url}",
+                data={"engine": self.name, "reason": "bad_response"},
+            ) from exc
+        if not isinstance(text, str):
+            raise EngineError(
+                f"engine {self.name!r}: completion content is not text",
+                data={"engine": self.name, "reason": "bad_response"},
+            )
+        return Completion(text=text, token_count=token_count, finish_reason=finish_reason)
+
+    async def generate_many(
+        self, prompts: Sequence[PromptInput], sampling: Sampling, *, adapter: str | None = None
+    ) -> AsyncIterator[tuple[int, Completion]]:
+        """All prompts at once, at most ``concurrency`` in flight; completion order."""
+        self._lifecycle.require(EngineState.WARM)
+        self._model_for(adapter)
+
+        async def generate_one(prompt: PromptInput) -> Completion:
+            return await self.generate(prompt, sampling, adapter=adapter)
+
+        async for item in generate_concurrently(generate_one, prompts, limit=self._concurrency):
+            yield item
+
+    def _model_for(self, adapter: str | None) -> str:
+        if adapter is None:
+            return self.model
+        if adapter not in self._adapters:
+            raise NotFound(
+                f"adapter {adapter!r} is not loaded in engine {self.name!r}",
+                data={"engine": self.name, "adapter": adapter},
+            )
+        return adapter
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST JSON, retrying connection failures with exponential backoff; the parsed reply."""
+        client = self._client
+        if client is None:
+            raise EngineError(f"engine {self.name!r} is not running", data={"engine": self.name})
+        delay = self._retry_backoff
+        for attempt in range(self._connect_retries + 1):
+            try:
+                response = await client.post(path, json=body)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt == self._connect_retries:
+                    self._mark_dead(f"cannot connect to {self.base_url}: {exc}")
+                    raise EngineError(
+                        f"engine {self.name!r} cannot connect to {self.base_url}: {exc}",
+                        data={"engine": self.name, "reason": "connect"},
+                    ) from exc
+                await anyio.sleep(delay)
+                delay *= 2
+            except httpx.HTTPError as exc:
+                raise EngineError(
+                    f"engine {self.name!r}: {type(exc).__name__} talking to {self.base_url}: {exc}",
+                    data={"engine": self.name, "reason": "transport"},
+                ) from exc
+        if response.status_code >= 400:
+            raise EngineError(
+                f"engine {self.name!r}: {self.base_url}{path} answered HTTP "
+                f"{response.status_code}: {response.text[:_BODY_EXCERPT]}",
+                data={"engine": self.name, "status": response.status_code},
+            )
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EngineError(
+                f"engine {self.name!r}: {self.base_url}{path} did not answer JSON",
+                data={"engine": self.name, "reason": "bad_response"},
+            ) from exc
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._lifecycle.state is EngineState.WARM:
+            self._lifecycle.set(EngineState.DEAD, error=reason)
+
+    # -- adapters -------------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Make adapter ``name`` usable: load ``path`` through vLLM's runtime LoRA endpoint
+        (the server needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), or accept it when the
+        server already serves a model of that name (``--lora-modules``). ``path`` is a path on
+        the server's machine."""
+        self._lifecycle.require(EngineState.WARM)
+        if self._adapters.get(name) == Path(path):
+            return
+        try:
+            await self._post("/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        except EngineError as exc:
+            if name not in await self._served_models():
+                raise EngineError(
+                    f"engine {self.name!r}: the server neither loaded adapter {name!r} nor "
+                    f"serves it already: {exc.message}",
+                    data={"engine": self.name, "adapter": name},
+                ) from exc
+        self._adapters[name] = Path(path)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload adapter ``name`` from the server (best effort) and stop using it."""
+        if self._adapters.pop(name, None) is None:
+            raise NotFound(
+                f"adapter {name!r} is not loaded in engine {self.name!r}",
+                data={"engine": self.name, "adapter": name},
+            )
+        try:
+            await self._post("/unload_lora_adapter", {"lora_name": name})
+        except EngineError:
+            pass  # a server started with --lora-modules keeps serving it; we no longer use it
+
+    async def _served_models(self) -> set[str]:
+        client = self._client
+        if client is None:
+            return set()
+        try:
+            response = await client.get("/models")
+            return {str(entry["id"]) for entry in response.json().get("data", [])}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            return set()
+
+    # -- memory ---------------------------------------------------------------------------
+    async def sleep(self, level: int = 1) -> None:
+        """A no-op: the server's accelerator memory is not this process's to release."""
+
+    async def wake_up(self) -> None:
+        """A no-op (see :meth:`sleep`)."""
+
+    # -- the service ----------------------------------------------------------------------
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Own the HTTP client and watch the server's health until cancelled."""
+        if self._client is not None:
+            raise ConflictError(f"engine {self.name!r} is running already")
+        headers = {}
+        if self._api_key_env:
+            api_key = os.environ.get(self._api_key_env)
+            if not api_key:
+                self._lifecycle.set(
+                    EngineState.DEAD, error=f"environment variable {self._api_key_env} is not set"
+                )
+                task_status.started()
+                await anyio.sleep_forever()
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=self._concurrency + 2),
+        )
+        self._lifecycle.set(EngineState.LOADING)
+        task_status.started()
+        started = time.monotonic()
+        try:
+            await self._watch_health(started)
+        finally:
+            client, self._client = self._client, None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await client.aclose()
+            self._lifecycle.set(EngineState.COLD)
+
+    async def _watch_health(self, started: float) -> None:
+        # Probe quickly (with backoff) until the server answers, then every health_interval.
+        retry_delay = self._retry_backoff
+        while True:
+            problem = await self._probe()
+            state = self._lifecycle.state
+            if problem is None:
+                retry_delay = self._retry_backoff
+                if state is not EngineState.WARM:
+                    if self._load_seconds is None:
+                        self._load_seconds = time.monotonic() - started
+                    elif state is EngineState.DEAD:
+                        self._restarts += 1
+                    self._lifecycle.set(EngineState.WARM)
+                await anyio.sleep(self._health_interval)
+                continue
+            if state is EngineState.WARM:
+                self._lifecycle.set(EngineState.DEAD, error=problem)
+            else:
+                self._lifecycle.last_error = problem
+            await anyio.sleep(min(retry_delay, self._health_interval))
+            retry_delay *= 2
