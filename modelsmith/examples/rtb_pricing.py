@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from modelsmith.atomic import atomic_write_text
+from modelsmith.errors import ValidationError
 
 CLUSTER = "rtb-pricing"
 INVENTORY = {
@@ -61,7 +63,10 @@ def scenarios(set_name: str, count: int, seed: int, *, core_count: int = 24) -> 
     combos = _combos(seed)
     pool = combos[:core_count] if set_name == "core" else combos[core_count:]
     if count > len(pool):
-        raise ValueError(f"at most {len(pool)} {set_name} scenarios with core_count={core_count}")
+        raise ValidationError(
+            f"at most {len(pool)} {set_name} scenarios with core_count={core_count}",
+            data={"field": "count"},
+        )
     return [_scenario(i, combo, set_name) for i, combo in enumerate(pool[:count])]
 
 
@@ -74,12 +79,30 @@ def corpus() -> list[str]:
     return lines * 3
 
 
-def warm_start_pairs(count: int = 24, seed: int = 7) -> list[tuple[str, str]]:
-    """A short, partial supervised warm start: the model sees some mappings, not all."""
+LABELS = ("low", "mid", "high")
+
+
+def warm_start_pairs(seed: int = 7) -> list[tuple[str, str]]:
+    """A short supervised warm start that teaches the answer *format*, not the pricing rules.
+
+    Every inventory type appears once with each of the three labels, so the model learns to
+    answer with one label and stop, with no preference among the labels for any inventory: like
+    a base model that follows the instruction but does not know the domain. Its greedy answers
+    are then right about a third of the time (weak, not hopeless), and GRPO's sampled groups
+    hold both right and wrong answers from the first step, which is what it learns from.
+    """
     rng = random.Random(seed)
-    known = sorted(INVENTORY)[::2]
-    return [(f"{inv} in {rng.choice(REGIONS)}. bucket?", INVENTORY[inv])
-            for inv in (rng.choice(known) for _ in range(count))]
+    return [(f"{inventory} in {rng.choice(REGIONS)}. bucket?", label)
+            for inventory in sorted(INVENTORY) for label in LABELS]
+
+
+def model_recipe() -> dict[str, Any]:
+    """The demo model's whole recipe (size, seed, warm start): the cache is keyed by its hash."""
+    return {
+        "model": {"seed": 0, "hidden_size": 128, "num_layers": 2, "num_heads": 2},
+        "warm_start": {"pairs": [list(pair) for pair in warm_start_pairs()], "steps": 60,
+                       "lr": 3e-3, "seed": 0},
+    }
 
 
 CLUSTER_TOML = """\

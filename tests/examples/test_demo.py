@@ -1,0 +1,58 @@
+"""The quickstart's steps at reduced size: one iteration of a few GRPO steps, against a real daemon.
+
+This proves the demo's wiring (model build, daemon start, CLI eval/diagnose/train/compare, the
+follow-up eval, the policy check, a bounded stop), not the quickstart's targets: a handful of
+steps is not meant to pass the gate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from modelsmith.examples.demo import DemoSettings, prepare_model, run_demo, targets
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One demo model cache for the module: the build is the slow part."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def test_one_short_demo_iteration_runs_every_daemon_driven_step(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    report = run_demo(DemoSettings(
+        work_root=tmp_path, cache_dir=model_cache, home=tmp_path / "home",
+        max_iterations=1, max_steps=3, quiet=True,
+    ))
+
+    assert report.baseline_exit_code == 1  # the base model is below the gate
+    assert report.baseline_composite is not None
+    assert report.composite_threshold is not None
+    assert report.baseline_composite < report.composite_threshold
+    assert len(report.iterations) == 1
+    iteration = report.iterations[0]
+    assert iteration.train_exit_code == 0
+    assert iteration.train_state == "succeeded"
+    assert iteration.adapter == "iter-1"
+    assert iteration.eval_tag is not None
+    assert (report.home / "rtb-pricing" / "evals" / iteration.eval_tag / "summary.json").is_file()
+    assert iteration.composite is not None and 0.0 <= iteration.composite <= 1.0
+    assert iteration.held_out_regressions is not None
+    assert report.policy_exit_code in (0, 1)  # judged either way; never an error
+    assert report.daemon_exit_code == 0
+    assert {name for name, _, _ in targets(report)}  # the target table renders
+    assert any(name.startswith("stop the daemon") for name, _ in report.steps)
+
+
+def test_the_demo_model_is_built_once_and_then_found_in_the_cache(model_cache: Path) -> None:
+    first = prepare_model(model_cache)
+    weights = (first / "model.safetensors").stat().st_mtime_ns
+    second = prepare_model(model_cache)
+
+    assert second == first
+    assert (second / "model.safetensors").stat().st_mtime_ns == weights
