@@ -269,7 +269,7 @@ class TrainStatusView(msgspec.Struct, kw_only=True):
     """A training job: state, step, stop reason, the newest metrics, the adapter it made."""
 
     job: JobSummary
-    finished: bool
+    finished: bool = False
     iteration: int | None = None
     step: int | None = None
     total_steps: int | None = None

@@ -18,7 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -37,6 +37,11 @@ from support.daemon_process import (
 )
 
 from modelsmith.clients.mcp_tools import TEXT_CAP, TOOLS, UNTRUSTED, untrusted
+
+if TYPE_CHECKING:
+    from support.cluster_daemon import ClusterDaemon
+
+pytest_plugins = ["support.cluster_daemon"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 60.0
@@ -255,3 +260,98 @@ def test_every_text_field_from_scenarios_or_models_sits_under_an_untrusted_data_
             defs = msgspec.json.schema(struct)["$defs"]
             holders = {name for name, d in defs.items() if field.strip('"') in d.get("properties", {})}
             assert holders <= {"ScenarioTexts", "ExampleTexts"}, (struct, field, holders)
+
+
+# -- one whole iteration on the real engine ---------------------------------------------------
+
+ITERATION_CLUSTER = "rtb-mcp"  # the session daemon's spare cluster for these tests
+JOB_WAIT_S = 120.0
+
+
+async def wait_finished(client: Client, tool: str, job_id: str, *, rounds: int = 8) -> dict[str, Any]:
+    """Ask ``tool`` with ``wait_s`` until the job has finished (at most ``rounds`` questions)."""
+    for _ in range(rounds):
+        status = ok(await call(client, tool, {"jobId": job_id, "wait_s": JOB_WAIT_S},
+                               limit_s=JOB_WAIT_S + 30))
+        if status["finished"]:
+            return status
+    raise AssertionError(f"job {job_id} did not finish within {rounds} x {JOB_WAIT_S} s")
+
+
+def assert_capped_untrusted(texts: dict[str, Any]) -> None:
+    for value in texts.values():
+        for text in value if isinstance(value, list) else [value]:
+            if text is None:
+                continue
+            assert set(text) == {"text", "chars", "truncated_chars"}
+            assert len(text["text"]) <= TEXT_CAP + 40
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(1500)
+async def test_one_whole_loop_iteration_runs_through_mcp_alone(cluster_daemon: ClusterDaemon) -> None:
+    cluster = ITERATION_CLUSTER
+    async with mcp_session(cluster_daemon.socket_path, session_timeout=1400) as client:
+        # eval of the base model, as the seed's example calls it
+        started = ok(await call(client, "modelsmith_eval_run", {
+            "cluster": cluster, "tag": "mcp-base", "type": "full", "workers": 2, "domain": "adtech",
+            "adapter": "base"}))
+        assert started["status"] == "started" and started["tag"] == "mcp-base" and started["log"]
+        base = await wait_finished(client, "modelsmith_eval_status", started["jobId"])
+        assert base["job"]["state"] == "succeeded", base["job"]
+        assert base["summary"]["tag"] == "mcp-base" and base["summary"]["scored"] > 0
+
+        results = ok(await call(client, "modelsmith_eval_results",
+                                {"cluster": cluster, "tag": "mcp-base", "failed_only": False, "limit": 5}))
+        assert results["total"] == base["summary"]["scored"] and results["results"]
+        for outcome in results["results"]:
+            assert not {"prompt", "response", "reference"} & set(outcome)
+            assert_capped_untrusted(outcome["untrusted_data"])
+
+        diagnosis = ok(await call(client, "modelsmith_diagnose", {"cluster": cluster, "tag": "mcp-base"}))
+        assert diagnosis["failed"] > 0 and diagnosis["patterns"]
+        for pattern in diagnosis["patterns"]:
+            for example in pattern["examples"]:
+                assert_capped_untrusted(example["untrusted_data"])
+
+        # post-train on the failures, a few steps
+        training = ok(await call(client, "modelsmith_train_start", {
+            "cluster": cluster, "eval_tag": "mcp-base", "method": "grpo", "target": "failures",
+            "max_steps": 5}))
+        assert training["status"] == "queued" and training["cluster"] == cluster
+        assert training["estimated_duration_minutes"] >= 0
+        trained = await wait_finished(client, "modelsmith_train_status", training["jobId"])
+        assert trained["job"]["state"] == "succeeded", trained["job"]
+        assert trained["adapter"] == "iter-1" and trained["metrics"]
+
+        # eval the new adapter and compare
+        again = ok(await call(client, "modelsmith_eval_run",
+                              {"cluster": cluster, "tag": "mcp-iter-1", "type": "full", "adapter": "iter-1"}))
+        after = await wait_finished(client, "modelsmith_eval_status", again["jobId"])
+        assert after["job"]["state"] == "succeeded", after["job"]
+        assert after["summary"]["adapter"] == "iter-1"
+        comparison = ok(await call(client, "modelsmith_compare", {"cluster": cluster, "a": "mcp-base", "b": "mcp-iter-1"}))
+        assert comparison["fixed"] + comparison["regressed"] + comparison["unchanged"] == len(comparison["scenarios"])
+
+        # the gate, then a promotion request (never an approval)
+        gate = ok(await call(client, "modelsmith_policy_gate", {"cluster": cluster, "eval_tag": "mcp-iter-1"}))
+        assert gate["checks"] and gate["eval_tag"] == "mcp-iter-1"
+        promoted = await call(client, "modelsmith_promote",
+                              {"cluster": cluster, "eval_tag": "mcp-iter-1", "note": "through MCP"})
+        if gate["passed"]:
+            request = ok(promoted)
+            assert request["status"] == "pending" and request["adapter"] == "iter-1"
+            bundle = ok(await call(client, "modelsmith_evidence_bundle",
+                                   {"cluster": cluster, "request_id": request["request_id"]}))
+            assert bundle["files"] > 0
+        else:
+            # The shipped thresholds are above what a random tiny model reaches: refused, typed.
+            assert error_of(promoted)["code"] == 1005
+
+        status = ok(await call(client, "modelsmith_cluster_status", {"cluster": cluster}))
+        assert status["iteration"] == 1
+        plan = ok(await call(client, "modelsmith_rollback_request", {"cluster": cluster}))
+        assert plan["performed"] is False and plan["command"].startswith(f"modelsmith rollback {cluster} --to ")
+
+    kinds = [e["kind"] for e in cluster_daemon.ledger_entries(cluster)]
+    assert "promotion.approved" not in kinds and "rollback.done" not in kinds
