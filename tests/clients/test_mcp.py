@@ -36,7 +36,8 @@ from support.daemon_process import (
     write_cluster,
 )
 
-from modelsmith.clients.mcp_tools import TEXT_CAP, TOOLS, UNTRUSTED, untrusted
+from modelsmith.clients.mcp_server import TOOLS
+from modelsmith.clients.mcp_tools import TEXT_CAP, UNTRUSTED, untrusted
 
 if TYPE_CHECKING:
     from support.cluster_daemon import ClusterDaemon
