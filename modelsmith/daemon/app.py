@@ -71,8 +71,8 @@ class Daemon:
         async def status(params: Empty, ctx: CallContext) -> DaemonStatus:
             return self.status()
 
-        self.table.add("daemon.ping", Empty, ping, "Liveness check.")
-        self.table.add("daemon.status", Empty, status, "Version, uptime, engines, jobs.")
+        self.table.add("daemon.ping", Empty, ping, "Liveness check.", inline=True)
+        self.table.add("daemon.status", Empty, status, "Version, uptime, engines, jobs.", inline=True)
         self.fleet.register(self.table)
         register_job_methods(self.table, self.jobs)
         self.evals.register(self.table)

@@ -198,5 +198,5 @@ class Fleet:
         async def cluster_status(params: ClusterParams, ctx: CallContext) -> ClusterStatus:
             return self.get(params.cluster).status()
 
-        table.add("fleet.status", FleetParams, fleet_status, "Every cluster's phase and scores.")
-        table.add("cluster.status", ClusterParams, cluster_status, "One cluster's phase and scores.")
+        table.add("fleet.status", FleetParams, fleet_status, "Every cluster's phase and scores.", inline=True)
+        table.add("cluster.status", ClusterParams, cluster_status, "One cluster's phase and scores.", inline=True)

@@ -48,8 +48,8 @@ def register_job_methods(table: MethodTable, jobs: JobRegistry) -> None:
     async def job_cancel(params: JobCancelParams, ctx: CallContext) -> JobSummary:
         return jobs.cancel(params.job_id).summary()
 
-    table.add("job.list", JobListParams, job_list, "Jobs, optionally of one cluster or state.")
-    table.add("job.get", JobRef, job_get, "One job's summary.")
-    table.add("job.events", JobEventsParams, job_events, "A job's events from a cursor (pull).")
+    table.add("job.list", JobListParams, job_list, "Jobs, optionally of one cluster or state.", inline=True)
+    table.add("job.get", JobRef, job_get, "One job's summary.", inline=True)
+    table.add("job.events", JobEventsParams, job_events, "A job's events from a cursor (pull).", inline=True)
     table.add("job.watch", JobWatchParams, job_watch, "Stream a job's events as job.event notifications.")
     table.add("job.cancel", JobCancelParams, job_cancel, "Cancel a queued or running job.")

@@ -152,4 +152,4 @@ class LoopService:
         table.add("loop.pause", LoopControlParams, loop_pause, "Pause the loop after the current step.")
         table.add("loop.resume", LoopControlParams, loop_resume, "Resume a paused loop where it was.")
         table.add("loop.stop", LoopControlParams, loop_stop, "Stop the loop and cancel its running job.")
-        table.add("loop.status", LoopStatusParams, loop_status, "Supervisor state of one or every cluster.")
+        table.add("loop.status", LoopStatusParams, loop_status, "Supervisor state of one or every cluster.", inline=True)

@@ -43,6 +43,7 @@ class MethodSpec(Generic[P]):
     params_type: type[P]
     handler: Handler
     summary: str
+    inline: bool = False
 
     def decode_params(self, raw: bytes) -> P:
         try:
@@ -60,10 +61,18 @@ class MethodTable:
     def __init__(self) -> None:
         self._methods: dict[str, MethodSpec[Any]] = {}
 
-    def add(self, name: str, params_type: type[P], handler: Handler, summary: str = "") -> None:
+    def add(
+        self, name: str, params_type: type[P], handler: Handler, summary: str = "", *, inline: bool = False
+    ) -> None:
+        """Register ``name``. ``inline`` handlers run on the connection's read loop without a task
+        of their own: only for handlers that never wait (status reads), it saves a task per call."""
         if name in self._methods:
             raise RuntimeError(f"RPC method {name!r} registered twice")
-        self._methods[name] = MethodSpec(name, params_type, handler, summary)
+        self._methods[name] = MethodSpec(name, params_type, handler, summary, inline)
+
+    def is_inline(self, name: str) -> bool:
+        spec = self._methods.get(name)
+        return spec is not None and spec.inline
 
     def method(
         self, name: str, params_type: type[P], summary: str = ""

@@ -45,6 +45,13 @@ log = structlog.get_logger("modelsmith.rpc")
 
 _request_decoder = msgspec.json.Decoder(Request)
 
+
+class _MethodPeek(msgspec.Struct):
+    method: str = ""
+
+
+_method_peek = msgspec.json.Decoder(_MethodPeek)
+
 # How long a reply may take to reach a client that stopped reading.
 REPLY_SEND_TIMEOUT_S = 5.0
 
@@ -238,12 +245,23 @@ class RpcServer:
                         body = await reader.receive_exactly(size)
             except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead):
                 return
+            if self._inline(body):
+                # A handler that never waits: serve it here, without a task of its own.
+                connection.inflight += 1
+                await self._serve_one(body, connection, None)
+                continue
             await limiter.acquire()
             connection.inflight += 1
             tg.start_soon(self._serve_one, body, connection, limiter)
 
+    def _inline(self, body: bytes) -> bool:
+        try:
+            return self.table.is_inline(_method_peek.decode(body).method)
+        except msgspec.DecodeError:
+            return False  # malformed: the dispatch path reports it
+
     async def _serve_one(
-        self, body: bytes, connection: Connection, limiter: anyio.Semaphore
+        self, body: bytes, connection: Connection, limiter: anyio.Semaphore | None
     ) -> None:
         try:
             reply = await self.dispatch(body, connection)
@@ -252,7 +270,8 @@ class RpcServer:
                 await connection.send_message(reply, shielded_timeout=REPLY_SEND_TIMEOUT_S)
         finally:
             connection.inflight -= 1
-            limiter.release()
+            if limiter is not None:
+                limiter.release()
 
     async def dispatch(self, body: bytes, connection: Connection) -> bytes | None:
         """Decode, route and run one message; returns the encoded reply (None for notifications)."""
