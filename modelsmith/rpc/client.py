@@ -244,9 +244,16 @@ async def connect(
         client._stream = await anyio.connect_unix(str(path))
     except OSError as exc:
         raise _unreachable(path, exc) from exc
-    async with anyio.create_task_group() as tg, client._stream:
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
         tg.start_soon(client._reader)
         try:
             yield client
+        except Exception as exc:
+            # Re-raised below, outside the task group: the caller gets the typed error itself,
+            # not an exception group (and cancelling the group here would swallow it).
+            error = exc
         finally:
-            tg.cancel_scope.cancel()
+            await client._stream.aclose()  # ends the reader
+    if error is not None:
+        raise error
