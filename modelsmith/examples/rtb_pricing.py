@@ -30,7 +30,18 @@ INVENTORY = {
     "long-tail app": "low",
 }
 REGIONS = ("us-east", "eu-west", "apac", "latam")
+LABELS = ("low", "mid", "high")
 SYSTEM = "You price real-time bids. Answer with one word: low, mid or high."
+
+
+def bid_prompt(inventory: str, region: str) -> str:
+    """The question for one bid request.
+
+    The inventory type, which decides the answer, comes last: a 2-layer model attends mostly to
+    the tokens just before its answer, and with the region there it learned region habits
+    instead of the pricing rule.
+    """
+    return f"{region} auction, {inventory}. bucket?"
 
 
 def _combos(seed: int) -> list[tuple[str, str]]:
@@ -46,7 +57,7 @@ def _scenario(i: int, combo: tuple[str, str], set_name: str) -> dict[str, object
         "id": f"{'ho' if set_name == 'held-out' else 'core'}-{i:03d}",
         "domain": "adtech",
         "tags": [bucket, region],
-        "prompt": f"{inventory} in {region}. bucket?",
+        "prompt": bid_prompt(inventory, region),
         "reference": bucket,
         "rubric": {
             "pass_mark": 0.75,
@@ -75,11 +86,10 @@ def corpus() -> list[str]:
     lines = [SYSTEM]
     for inventory, bucket in INVENTORY.items():
         for region in REGIONS:
-            lines.append(f"{inventory} in {region}. bucket? {bucket}")
+            lines.append(f"{bid_prompt(inventory, region)} {bucket}")
+    # The bare labels too, so each answer is one token at the start of the assistant turn.
+    lines.extend(LABELS)
     return lines * 3
-
-
-LABELS = ("low", "mid", "high")
 
 
 def warm_start_pairs(seed: int = 7) -> list[tuple[str, str]]:
@@ -92,7 +102,7 @@ def warm_start_pairs(seed: int = 7) -> list[tuple[str, str]]:
     hold both right and wrong answers from the first step, which is what it learns from.
     """
     rng = random.Random(seed)
-    return [(f"{inventory} in {rng.choice(REGIONS)}. bucket?", label)
+    return [(bid_prompt(inventory, rng.choice(REGIONS)), label)
             for inventory in sorted(INVENTORY) for label in LABELS]
 
 
@@ -129,14 +139,16 @@ held_out = {held_out}
 [training]
 max_steps = {max_steps}
 learning_rate = {learning_rate}
-num_generations = 4
-per_device_train_batch_size = 8
+# Groups of 8 sampled answers for 4 prompts per step; a high learning rate suits LoRA on a
+# tiny model; no KL term (beta 0): the rubric alone shapes the policy.
+num_generations = 8
+per_device_train_batch_size = 32
 max_completion_length = 4
 max_prompt_length = 64
 beta = 0.0
 temperature = 1.0
 save_steps = 20
-min_steps = 20
+min_steps = 40
 
 [training.lora]
 r = 8
@@ -161,7 +173,7 @@ def write_cluster(
     composite: float = 0.8,
     held_out_threshold: float = 0.75,
     max_steps: int = 60,
-    learning_rate: float = 2e-3,
+    learning_rate: float = 5e-3,
     max_regressions: int = 2,
 ) -> Path:
     """Create (or refresh) ``home/rtb-pricing`` with its config and scenario sets."""
