@@ -130,7 +130,15 @@ class TrainService:
             margin = 0.0
         chosen = select_training_scenarios(catalog, results, near_miss_margin=margin)
         iteration = runtime.iteration + 1
-        init_adapter = runtime.champion if params.init == "champion" else None
+        init_adapter = {
+            "latest": runtime.candidate or runtime.champion,
+            "candidate": runtime.candidate,
+            "champion": runtime.champion,
+            "base": None,
+        }[params.init]
+        if params.init in ("candidate", "champion") and init_adapter is None:
+            raise NotFound(f"cluster {runtime.cluster.name} has no {params.init} adapter to start from",
+                           data={"field": "init"})
         manifest = build_manifest(
             scenarios=chosen, catalog=catalog, job_id=job_id, cluster=runtime.cluster.name,
             iteration=iteration, eval_tag=params.eval_tag, base_model=str(runtime.cluster.base_model),

@@ -30,7 +30,8 @@ class TrainStartParams(MutatingParams):
     eval_tag: str
     method: Literal["grpo"] = "grpo"
     target: Literal["failures", "failures+near_misses"] = "failures"
-    init: Literal["champion", "base"] = "champion"
+    # Where the adapter starts: "latest" = the newest candidate, else the champion, else the base.
+    init: Literal["latest", "candidate", "champion", "base"] = "latest"
     overrides: TrainOverrides | None = None
     follow_up_eval: bool = True
 
