@@ -113,7 +113,9 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_the_next_one_moves_up() -
 
 
 @pytest.mark.parametrize(("device", "expected"), [(GPU, ["sleep(1)", "wake_up"]), (CPU, [])])
-async def test_residents_sleep_for_a_trainer_only_on_a_cuda_device(device: Device, expected: list[str]) -> None:
+async def test_residents_sleep_for_a_trainer_only_on_a_cuda_device(
+    device: Device, expected: list[str]
+) -> None:
     leases = LeaseManager([device])
     engine = RecordingEngine("tiny")
     leases.add_resident(engine)
