@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from support.daemon_process import short_tmp_dir
 
+# One daemon with a warm engine for the whole session, whichever modules use it.
+pytest_plugins = ("support.cluster_daemon",)
+
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:

@@ -103,6 +103,7 @@ class EnginePool:
                     restarts=info.restarts,
                     adapters=list(info.adapters),
                     last_error=info.last_error,
+                    pid=info.pid,
                 )
             )
         return out

@@ -42,7 +42,6 @@ from modelsmith.clients.mcp_tools import TEXT_CAP, UNTRUSTED, untrusted
 if TYPE_CHECKING:
     from support.cluster_daemon import ClusterDaemon
 
-pytest_plugins = ["support.cluster_daemon"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CALL_TIMEOUT_S = 60.0

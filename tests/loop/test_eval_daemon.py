@@ -23,7 +23,6 @@ from modelsmith.rpc.schema.evals import EvalRunParams
 if TYPE_CHECKING:
     from support.cluster_daemon import ClusterDaemon
 
-pytest_plugins = ["support.cluster_daemon"]
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 SUMMARY_KEYS = {"composite", "held_out", "by_set", "by_tag", "gates", "regressions", "duration_s"}

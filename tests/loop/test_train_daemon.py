@@ -14,7 +14,6 @@ from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent
 if TYPE_CHECKING:
     from support.cluster_daemon import ClusterDaemon
 
-pytest_plugins = ["support.cluster_daemon"]
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 TRAIN_TIMEOUT_S = 400.0

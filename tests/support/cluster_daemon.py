@@ -4,9 +4,8 @@ Starting the engine is the expensive part (15-60 s on two busy cores), so every 
 a daemon with an engine shares :func:`cluster_daemon` (session scope). Tests that need state of
 their own (an iteration, a ledger, a baseline eval) take a cluster of their own from
 :data:`SESSION_CLUSTERS`: every cluster is a copy of the bundled ``rtb-pricing`` example on the
-same tiny model, so they all share one engine. Load the fixture in a test module with::
-
-    pytest_plugins = ["support.cluster_daemon"]
+same tiny model, so they all share one engine. tests/conftest.py registers this module as a
+plugin for the whole session, so a test just asks for the fixture::
 
     @pytest.mark.vllm
     def test_something(cluster_daemon: ClusterDaemon) -> None:
@@ -55,7 +54,7 @@ SESSION_CLUSTERS: dict[str, dict[str, Any]] = {
     # A long GRPO run to cancel in the middle.
     "rtb-cancel": {"max_steps": 400},
     # Spares for the MCP and demo tests of colleagues.
-    "rtb-mcp": {"max_steps": 10},
+    "rtb-mcp": {"max_steps": 10, "composite": 0.0, "held_out_threshold": 0.0, "max_regressions": 1000},
     "rtb-demo": {"max_steps": 10},
 }
 

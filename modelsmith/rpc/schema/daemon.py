@@ -23,6 +23,7 @@ class EngineStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     restarts: int = 0
     adapters: list[str] = []
     last_error: str | None = None
+    pid: int | None = None
 
 
 class ClusterLoadError(msgspec.Struct, kw_only=True):
