@@ -3,8 +3,10 @@
 What it does, in order, printing the time of each step:
 
 1. Build (once, deterministically, cached under ``.cache/modelsmith-demo/``) a tiny Llama and a
-   tokenizer for the bundled ``rtb-pricing`` cluster, and give it a short supervised warm start
-   on a few inventory types, so it starts weak but not hopeless, as a real base model would.
+   tokenizer for the bundled ``rtb-pricing`` cluster, pretrain it on prose about the domain
+   (knowledge, never the task's question and answer) and give it a short format-only warm start
+   (answer with one label), so it knows the facts but answers at chance, as a base model that
+   was never asked this question would.
 2. Write a fresh home ``.iterate/demo-<time>/`` holding the cluster, and start a real daemon
    subprocess on it (readiness is its systemd ``READY=1``, bounded).
 3. Drive the daemon with the real CLI (``modelsmith ...`` subprocesses, output shown): eval
@@ -53,6 +55,10 @@ DAEMON_READY_TIMEOUT_S = 120.0
 DAEMON_STOP_TIMEOUT_S = 60.0
 # A CLI command that runs a job (eval, train) may take minutes on a busy 2-core machine.
 CLI_TIMEOUT_S = 900.0
+# Every (inventory, region) pair of the example: 4 regions of each inventory type in core, the
+# other 2 held out.
+DEMO_CORE = 36
+DEMO_HELD_OUT = 18
 
 
 @dataclass(frozen=True)
@@ -144,18 +150,23 @@ def timed_step(report: DemoReport, console: Console, name: str) -> Iterator[None
 
 
 def prepare_model(cache_dir: Path) -> Path:
-    """The demo's base model: built and warm-started once, then found in the cache.
+    """The demo's base model: built, pretrained and warm-started once, then found in the cache.
 
-    The directory is named by a hash of the whole recipe (corpus, model size, warm-start pairs
-    and schedule), so a changed recipe builds a new model instead of warm-starting an old one
-    twice.
+    The directory is named by a hash of the whole recipe (corpus, model size, pretraining text
+    and schedule, warm-start pairs and schedule), so a changed recipe builds a new model instead
+    of training an old one twice.
     """
-    from modelsmith.gpu.tinymodel import build_tiny_model, warm_start
+    from modelsmith.gpu.tinymodel import build_tiny_model, pretrain, warm_start
 
     recipe = rtb_pricing.model_recipe()
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()
+    corpus = rtb_pricing.corpus()
+    digest = hashlib.sha256(json.dumps({**recipe, "corpus": corpus}, sort_keys=True)
+                            .encode("utf-8")).hexdigest()
     model_dir = cache_dir / f"rtb-tiny-{digest[:16]}"
-    build_tiny_model(model_dir, rtb_pricing.corpus(), **recipe["model"])
+    build_tiny_model(model_dir, corpus, **recipe["model"])
+    knowledge = recipe["pretrain"]
+    pretrain(model_dir, knowledge["texts"], steps=knowledge["steps"], lr=knowledge["lr"],
+             batch_size=knowledge["batch_size"], seed=knowledge["seed"])
     warm = recipe["warm_start"]
     pairs = [(prompt, answer) for prompt, answer in warm["pairs"]]
     warm_start(model_dir, pairs, steps=warm["steps"], lr=warm["lr"], seed=warm["seed"])
@@ -335,13 +346,16 @@ def _held_out_regressions(socket_path: Path, a: str, b: str) -> int:
 
 def _iterate(number: int, source_tag: str, report: DemoReport, settings: DemoSettings,
              socket_path: Path, console: Console, seen_jobs: set[str]) -> IterationReport:
-    """Diagnose ``source_tag``, train on its failures, wait for the follow-up eval, compare."""
+    """Diagnose ``source_tag``, train on its core set, wait for the follow-up eval, compare."""
     iteration = IterationReport(number=number)
     report.iterations.append(iteration)
     with timed_step(report, console, f"iteration {number}: diagnose {source_tag}"):
         run_cli(["diagnose", source_tag, "--cluster", CLUSTER], socket_path, console)
-    with timed_step(report, console, f"iteration {number}: GRPO on the failures of {source_tag}"):
-        argv = ["train", "start", "--cluster", CLUSTER, "--eval-tag", source_tag]
+    with timed_step(report, console, f"iteration {number}: GRPO on the core set of {source_tag}"):
+        # Failures and near misses (cluster.toml: near_miss_margin = 1.0, so every core
+        # scenario): right answers keep being reinforced while wrong ones are fixed.
+        argv = ["train", "start", "--cluster", CLUSTER, "--eval-tag", source_tag,
+                "--target", "failures+near_misses"]
         if settings.max_steps is not None:
             argv += ["--max-steps", str(settings.max_steps)]
         train = run_cli(argv, socket_path, console)
@@ -416,12 +430,13 @@ def run_demo(settings: DemoSettings) -> DemoReport:
     report = DemoReport(home=home)
     cache_dir = settings.cache_dir or settings.work_root / ".cache" / "modelsmith-demo"
 
-    with timed_step(report, console, "base model: build + warm start (cached)"):
+    with timed_step(report, console, "base model: build + pretrain + warm start (cached)"):
         report.model_dir = prepare_model(cache_dir)
         console.say(f"  model: {report.model_dir}")
     with timed_step(report, console, "cluster home"):
         home.mkdir(parents=True, exist_ok=True)
-        cluster_root = rtb_pricing.write_cluster(home, report.model_dir)
+        cluster_root = rtb_pricing.write_cluster(home, report.model_dir, core=DEMO_CORE,
+                                                 held_out=DEMO_HELD_OUT)
         from modelsmith.loop.cluster import load_cluster
 
         thresholds = load_cluster(cluster_root).config.thresholds

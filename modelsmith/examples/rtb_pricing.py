@@ -1,9 +1,16 @@
 """The bundled ``rtb-pricing`` example cluster: an adtech domain with checkable answers.
 
 Each scenario is a bid request; the answer is a price bucket (``low``, ``mid`` or ``high``)
-decided by the inventory type and the floor price. The rubric gives partial credit: a valid
+decided by the inventory type; the region is noise. The rubric gives partial credit: a valid
 label earns format credit, the right label earns the rest. Everything is generated
 deterministically so the set versions are stable across machines.
+
+The demo's base model is built like a real one, in two steps: it *reads* about the domain
+(:func:`domain_corpus`: prose about which inventory sells high, mid or low, never in the
+question-and-answer form of the task) and is then taught the answer *format* only
+(:func:`warm_start_pairs`: one label and stop, with no preference among the labels). So it knows
+the facts but has never been asked to use them: its answers start at chance, and GRPO on the
+rubric's reward teaches it to connect what it read to the answer.
 """
 
 from __future__ import annotations
@@ -29,9 +36,27 @@ INVENTORY = {
     "below-fold banner": "low",
     "long-tail app": "low",
 }
-REGIONS = ("us-east", "eu-west", "apac", "latam")
+REGIONS = ("us-east", "us-west", "eu-west", "eu-north", "apac", "latam")
 LABELS = ("low", "mid", "high")
 SYSTEM = "You price real-time bids. Answer with one word: low, mid or high."
+# Regions of the format-only warm start: none is in any scenario, so no scenario's prompt (and
+# no held-out prompt) is ever seen before training.
+WARM_START_REGIONS = ("global", "mena", "oceania")
+# What the base model reads about each bucket: prose, not the task's question and answer.
+_FACTS = {
+    "high": ("{inv} is premium inventory: buyers pay high prices for it.",
+             "advertisers value {inv} highly; its price is high.",
+             "{inv} sells at a high price."),
+    "mid": ("{inv} is standard inventory: buyers pay mid prices for it.",
+            "advertisers value {inv} moderately; its price is mid.",
+            "{inv} sells at a mid price."),
+    "low": ("{inv} is remnant inventory: buyers pay low prices for it.",
+            "advertisers value {inv} little; its price is low.",
+            "{inv} sells at a low price."),
+}
+# Region noise: regions appear next to every inventory type with no bearing on its price.
+_NOISE = ("{region} auctions run all day.", "{region} buyers bid on {inv}.",
+          "in {region}, {inv} is traded in real time.", "{region} traffic peaks in the evening.")
 
 
 def bid_prompt(inventory: str, region: str) -> str:
@@ -45,8 +70,20 @@ def bid_prompt(inventory: str, region: str) -> str:
 
 
 def _combos(seed: int) -> list[tuple[str, str]]:
-    combos = [(inv, region) for inv in sorted(INVENTORY) for region in REGIONS]
-    random.Random(f"combos-{seed}").shuffle(combos)
+    """Every (inventory, region) pair, in layers: layer k holds each inventory once.
+
+    Each inventory's regions are shuffled (seeded); layer k takes its k-th region. Core takes
+    the first layers and held-out the rest, so both sets cover every inventory type evenly
+    (labels balanced) and no (inventory, region) pair is in both: held-out asks about regions
+    the model was never trained on for that inventory.
+    """
+    rng = random.Random(f"combos-{seed}")
+    regions_of = {inv: rng.sample(REGIONS, len(REGIONS)) for inv in sorted(INVENTORY)}
+    combos: list[tuple[str, str]] = []
+    for layer in range(len(REGIONS)):
+        row = [(inv, regions_of[inv][layer]) for inv in sorted(INVENTORY)]
+        rng.shuffle(row)
+        combos.extend(row)
     return combos
 
 
@@ -81,6 +118,16 @@ def scenarios(set_name: str, count: int, seed: int, *, core_count: int = 24) -> 
     return [_scenario(i, combo, set_name) for i, combo in enumerate(pool[:count])]
 
 
+def domain_corpus() -> list[str]:
+    """Plain text about the domain that the base model is pretrained on (knowledge, no task)."""
+    lines: list[str] = []
+    for inventory, bucket in INVENTORY.items():
+        lines.extend(fact.format(inv=inventory) for fact in _FACTS[bucket])
+        for region in REGIONS:
+            lines.extend(noise.format(inv=inventory, region=region) for noise in _NOISE)
+    return lines
+
+
 def corpus() -> list[str]:
     """Text the tiny tokenizer is trained on (the domain's vocabulary)."""
     lines = [SYSTEM]
@@ -89,27 +136,31 @@ def corpus() -> list[str]:
             lines.append(f"{bid_prompt(inventory, region)} {bucket}")
     # The bare labels too, so each answer is one token at the start of the assistant turn.
     lines.extend(LABELS)
-    return lines * 3
+    return [*(lines * 3), *(f"{prompt} {label}" for prompt, label in warm_start_pairs()),
+            *domain_corpus()]
 
 
-def warm_start_pairs(seed: int = 7) -> list[tuple[str, str]]:
+def warm_start_pairs() -> list[tuple[str, str]]:
     """A short supervised warm start that teaches the answer *format*, not the pricing rules.
 
-    Every inventory type appears once with each of the three labels, so the model learns to
-    answer with one label and stop, with no preference among the labels for any inventory: like
-    a base model that follows the instruction but does not know the domain. Its greedy answers
-    are then right about a third of the time (weak, not hopeless), and GRPO's sampled groups
-    hold both right and wrong answers from the first step, which is what it learns from.
+    Every prompt appears once with each of the three labels, so the model learns to answer with
+    one label and stop, with no preference among the labels for any prompt: like a base model
+    that follows the instruction but was never asked this question. The prompts use regions of
+    their own (:data:`WARM_START_REGIONS`), so no scenario's prompt is seen here and no region
+    gets a spurious label preference. Its greedy answers are then right about a third of the
+    time (weak, not hopeless), and GRPO's sampled groups hold both right and wrong answers from
+    the first step, which is what it learns from.
     """
-    rng = random.Random(seed)
-    return [(bid_prompt(inventory, rng.choice(REGIONS)), label)
-            for inventory in sorted(INVENTORY) for label in LABELS]
+    return [(bid_prompt(inventory, region), label) for inventory in sorted(INVENTORY)
+            for region in WARM_START_REGIONS for label in LABELS]
 
 
 def model_recipe() -> dict[str, Any]:
-    """The demo model's whole recipe (size, seed, warm start): the cache is keyed by its hash."""
+    """The demo model's whole recipe (size, seed, pretraining, warm start): the cache key."""
     return {
         "model": {"seed": 0, "hidden_size": 128, "num_layers": 2, "num_heads": 2},
+        "pretrain": {"texts": domain_corpus(), "steps": 300, "lr": 3e-3, "batch_size": 32,
+                     "seed": 0},
         "warm_start": {"pairs": [list(pair) for pair in warm_start_pairs()], "steps": 60,
                        "lr": 3e-3, "seed": 0},
     }
@@ -125,7 +176,7 @@ display_name = "tiny-llama-rtb"
 max_model_len = 256
 
 [engine]
-max_lora_rank = 8
+max_lora_rank = 16
 max_loras = 4
 
 [sampling]
@@ -139,20 +190,25 @@ held_out = {held_out}
 [training]
 max_steps = {max_steps}
 learning_rate = {learning_rate}
-# Groups of 8 sampled answers for 4 prompts per step; a high learning rate suits LoRA on a
-# tiny model; no KL term (beta 0): the rubric alone shapes the policy.
+# Groups of 8 sampled answers for 4 prompts per step. A small KL term (beta) keeps the policy
+# near the base model, so it does not collapse onto one label before it has learned which
+# label fits which inventory.
 num_generations = 8
 per_device_train_batch_size = 32
 max_completion_length = 4
 max_prompt_length = 64
-beta = 0.0
+beta = 0.04
 temperature = 1.0
-save_steps = 20
-min_steps = 40
+save_steps = 50
+min_steps = 60
+# With --target failures+near_misses, a margin of 1.0 trains on every core scenario: answers
+# that are already right keep being reinforced while the wrong ones are fixed.
+near_miss_margin = 1.0
 
 [training.lora]
-r = 8
-alpha = 16
+# Every linear layer of the tiny model (the default target_modules), rank 16.
+r = 16
+alpha = 32
 
 [policy]
 max_regressions = {max_regressions}
@@ -172,8 +228,8 @@ def write_cluster(
     seed: int = 0,
     composite: float = 0.8,
     held_out_threshold: float = 0.75,
-    max_steps: int = 60,
-    learning_rate: float = 5e-3,
+    max_steps: int = 100,
+    learning_rate: float = 2e-3,
     max_regressions: int = 2,
 ) -> Path:
     """Create (or refresh) ``home/rtb-pricing`` with its config and scenario sets."""

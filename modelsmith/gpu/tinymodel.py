@@ -10,9 +10,10 @@ The build is deterministic and cached: ``out_dir/modelsmith-tiny.json`` records 
 inputs, and a second call with the same inputs returns at once. A build is written to a temporary
 sibling directory, fsynced, and renamed into place, so a crash never leaves half a model behind.
 
-:func:`warm_start` optionally fine-tunes the model on a few (prompt, answer) pairs so a demo model
-starts weak but not hopeless; it replaces the weights file atomically and records itself in the
-marker, so repeating the same warm start is also a no-op.
+:func:`pretrain` optionally trains the model as a language model on plain domain text (knowledge,
+no task), and :func:`warm_start` fine-tunes it on a few (prompt, answer) pairs (the answer format),
+so a demo model starts weak but not hopeless, as a real base model would. Both replace the weights
+file atomically and record themselves in the marker, so repeating the same step is a no-op.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import importlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -32,7 +34,14 @@ from modelsmith.atomic import atomic_write_text, fsync_dir
 from modelsmith.errors import ConflictError, NotFound, ValidationError
 from modelsmith.gpu.prompting import load_tokenizer, render_prompt
 
-__all__ = ["CHAT_TEMPLATE", "MARKER_NAME", "SPECIAL_TOKENS", "build_tiny_model", "warm_start"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "MARKER_NAME",
+    "SPECIAL_TOKENS",
+    "build_tiny_model",
+    "pretrain",
+    "warm_start",
+]
 
 MARKER_NAME = "modelsmith-tiny.json"
 # Bump when the build recipe changes, so old caches are rebuilt rather than trusted.
@@ -301,9 +310,14 @@ def warm_start(
         loss.backward()
         optimizer.step()
     model.eval()
+    _replace_weights(model, model_dir)
+    marker["warm_starts"] = [*history, warm_hash]
+    atomic_write_text(model_dir / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
 
-    # Only the weights change: save them beside the model and rename the file over the old one.
-    staging = Path(tempfile.mkdtemp(prefix=".warm-start-", dir=model_dir))
+
+def _replace_weights(model: Any, model_dir: Path) -> None:
+    """Save ``model``'s weights beside the model and rename the file over the old one."""
+    staging = Path(tempfile.mkdtemp(prefix=".weights-", dir=model_dir))
     try:
         model.save_pretrained(str(staging))
         weights = sorted(staging.glob("*.safetensors"))
@@ -317,13 +331,75 @@ def warm_start(
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(staging)
-    marker["warm_starts"] = [*history, warm_hash]
+
+
+def pretrain(
+    model_dir: Path,
+    texts: Sequence[str],
+    *,
+    steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> None:
+    """Train the tiny model as a plain causal language model on ``texts``, saved back atomically.
+
+    Every token of each text (closed by eos) is predicted, with no chat template and no task:
+    this gives the model knowledge of a domain, the way a real base model read about it before
+    anyone asked it a question. Each step trains on ``batch_size`` texts drawn (seeded) from
+    ``texts``. Repeating the last pretraining is a no-op.
+    """
+    model_dir = Path(model_dir)
+    marker = _read_marker(model_dir)
+    if marker is None:
+        raise NotFound(f"no Modelsmith tiny model in {model_dir}", data={"file": str(model_dir)})
+    if isinstance(texts, str) or not texts:
+        raise ValidationError(
+            "pretrain needs a non-empty sequence of texts", data={"field": "texts"}
+        )
+    if steps <= 0 or lr <= 0 or batch_size <= 0:
+        raise ValidationError("steps, lr and batch_size must be positive", data={"field": "steps"})
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"steps": steps, "lr": lr, "batch_size": batch_size,
+                              "seed": seed, "texts": list(texts)}, sort_keys=True).encode("utf-8"))
+    pretrain_hash = digest.hexdigest()
+    history = marker.get("pretrains") or []
+    if history and history[-1] == pretrain_hash:
+        return
+
+    import torch
+
+    hf = _transformers()
+    tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = hf.LlamaForCausalLM.from_pretrained(
+        str(model_dir), local_files_only=True, dtype=torch.float32
+    )
+    model.train()
+    encoded = [
+        [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        for text in texts
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        rows = rng.sample(encoded, min(batch_size, len(encoded)))
+        input_ids, labels, attention = _padded(rows, [list(row) for row in rows],
+                                               tokenizer.pad_token_id)
+        optimizer.zero_grad()
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        if not torch.isfinite(loss):
+            raise ValidationError("pretraining diverged (non-finite loss)", data={"field": "lr"})
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    _replace_weights(model, model_dir)
+    marker["pretrains"] = [*history, pretrain_hash]
     atomic_write_text(model_dir / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
 
 
 def _supervised_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[Any, Any, Any]:
     """Token ids, labels (answer tokens only) and attention mask, right-padded."""
-    import torch
 
     rows: list[tuple[list[int], list[int]]] = []
     for prompt, answer in pairs:
@@ -333,9 +409,17 @@ def _supervised_batch(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
         rows.append((list(prompt_ids) + answer_ids, [-100] * len(prompt_ids) + answer_ids))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    return _padded([ids for ids, _ in rows], [lab for _, lab in rows], tokenizer.pad_token_id)
+
+
+def _padded(
+    ids_rows: Sequence[list[int]], label_rows: Sequence[list[int]], pad: int
+) -> tuple[Any, Any, Any]:
+    """Right-pad token ids (with ``pad``) and labels (with -100, ignored); the attention mask."""
+    import torch
+
+    width = max(len(ids) for ids in ids_rows)
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in ids_rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for lab in label_rows])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in ids_rows])
     return input_ids, labels, attention
