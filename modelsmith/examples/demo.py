@@ -156,8 +156,12 @@ def prepare_model(cache_dir: Path) -> Path:
     and schedule, warm-start pairs and schedule), so a changed recipe builds a new model instead
     of training an old one twice.
     """
+    from transformers.utils import logging as transformers_logging
+
     from modelsmith.gpu.tinymodel import build_tiny_model, pretrain, warm_start
 
+    # The demo prints its own steps; transformers' per-file progress bars are noise here.
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     recipe = rtb_pricing.model_recipe()
     corpus = rtb_pricing.corpus()
     digest = hashlib.sha256(json.dumps({**recipe, "corpus": corpus}, sort_keys=True)
@@ -470,7 +474,7 @@ def run_demo(settings: DemoSettings) -> DemoReport:
 
 def _run_loop(report: DemoReport, settings: DemoSettings, socket_path: Path,
               console: Console) -> None:
-    with timed_step(report, console, "baseline eval (the warm-started base model; the engine loads first)"):
+    with timed_step(report, console, "baseline eval (the base model; the engine loads first)"):
         baseline = run_cli(["eval", "--cluster", CLUSTER, "--tag", "baseline"], socket_path,
                            console)
         report.baseline_exit_code = baseline.exit_code

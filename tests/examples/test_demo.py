@@ -7,11 +7,13 @@ steps is not meant to pass the gate.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from modelsmith.examples.demo import DemoSettings, prepare_model, run_demo, targets
+from modelsmith.gpu.tinymodel import MARKER_NAME
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -56,3 +58,7 @@ def test_the_demo_model_is_built_once_and_then_found_in_the_cache(model_cache: P
 
     assert second == first
     assert (second / "model.safetensors").stat().st_mtime_ns == weights
+    marker = json.loads((second / MARKER_NAME).read_text())
+    # Pretrained on the domain prose once, then warm-started on the format once.
+    assert len(marker["pretrains"]) == 1
+    assert len(marker["warm_starts"]) == 1
