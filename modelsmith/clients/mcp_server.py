@@ -82,6 +82,7 @@ from modelsmith.rpc.address import resolve_socket_path
 from modelsmith.rpc.schema.daemon import ClusterStatus, FleetStatus
 from modelsmith.rpc.schema.evals import EvalComparison, EvalStarted, EvalSummary
 from modelsmith.rpc.schema.jobs import JobSummary
+from modelsmith.rpc.schema.train import Diagnosis
 
 log = logging.getLogger("modelsmith.mcp")
 
@@ -169,37 +170,8 @@ async def compare(link: DaemonLink, args: CompareArgs) -> EvalComparison:
     return view(await link.call("eval.compare", params_of(args)), EvalComparison, "eval.compare")
 
 
-class _ExampleIn(msgspec.Struct, kw_only=True):
-    scenario_id: str
-    score: float
-    detail: str
-    response: str
-    reference: str | None = None
-
-
-class _PatternIn(msgspec.Struct, kw_only=True):
-    pattern: str
-    criterion: str
-    kind: str
-    count: int
-    lost_score: float
-    tags: dict[str, int]
-    scenario_ids: list[str]
-    examples: list[_ExampleIn]
-
-
-class _DiagnosisIn(msgspec.Struct, kw_only=True):
-    cluster: str
-    tag: str
-    scenarios: int
-    failed: int
-    near_misses: int
-    patterns: list[_PatternIn]
-    by_tag: dict[str, int]
-
-
 async def diagnose(link: DaemonLink, args: DiagnoseArgs) -> DiagnosisView:
-    found = view(await link.call("diagnose.run", params_of(args)), _DiagnosisIn, "diagnose.run")
+    found = view(await link.call("diagnose.run", params_of(args)), Diagnosis, "diagnose.run")
     patterns = [
         FailurePatternView(
             pattern=p.pattern, criterion=p.criterion, kind=p.kind, count=p.count,

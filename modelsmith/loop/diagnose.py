@@ -11,41 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import msgspec
-
 from modelsmith.rpc.schema.evals import ScenarioResult
+from modelsmith.rpc.schema.train import Diagnosis, FailureExample, FailurePattern
 
 EXAMPLES_PER_PATTERN = 3
 EXAMPLE_CHARS = 300
-
-
-class FailureExample(msgspec.Struct, kw_only=True):
-    scenario_id: str
-    score: float
-    detail: str
-    response: str
-    reference: str | None
-
-
-class FailurePattern(msgspec.Struct, kw_only=True):
-    pattern: str
-    criterion: str
-    kind: str
-    count: int
-    lost_score: float
-    tags: dict[str, int]
-    scenario_ids: list[str]
-    examples: list[FailureExample]
-
-
-class Diagnosis(msgspec.Struct, kw_only=True):
-    cluster: str
-    tag: str
-    scenarios: int
-    failed: int
-    near_misses: int
-    patterns: list[FailurePattern]
-    by_tag: dict[str, int]
 
 
 def _clip(text: str | None) -> str | None:

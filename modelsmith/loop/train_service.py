@@ -37,7 +37,7 @@ from modelsmith.gpu.trainer_spec import (
     TrainJobSpec,
     estimate_duration_minutes,
 )
-from modelsmith.loop.diagnose import Diagnosis, diagnose
+from modelsmith.loop.diagnose import diagnose
 from modelsmith.loop.eval_service import EvalService
 from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, read_results, read_summary, utc_now
 from modelsmith.loop.fleet import ClusterRuntime, Fleet
@@ -48,6 +48,7 @@ from modelsmith.rpc.schema.evals import EvalRunParams
 from modelsmith.rpc.schema.jobs import JobSummary
 from modelsmith.rpc.schema.train import (
     DiagnoseParams,
+    Diagnosis,
     TrainCancelParams,
     TrainJobRef,
     TrainStarted,

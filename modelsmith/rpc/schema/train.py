@@ -68,3 +68,32 @@ class TrainStatus(msgspec.Struct, kw_only=True):
 class DiagnoseParams(QueryParams):
     cluster: str
     tag: str
+
+
+class FailureExample(msgspec.Struct, kw_only=True):
+    scenario_id: str
+    score: float
+    detail: str
+    response: str
+    reference: str | None
+
+
+class FailurePattern(msgspec.Struct, kw_only=True):
+    pattern: str
+    criterion: str
+    kind: str
+    count: int
+    lost_score: float
+    tags: dict[str, int]
+    scenario_ids: list[str]
+    examples: list[FailureExample]
+
+
+class Diagnosis(msgspec.Struct, kw_only=True):
+    cluster: str
+    tag: str
+    scenarios: int
+    failed: int
+    near_misses: int
+    patterns: list[FailurePattern]
+    by_tag: dict[str, int]
