@@ -5,14 +5,13 @@ Every field is documented once, here; ``modelsmith config schema`` prints the JS
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelsmith.errors import ValidationError
+from modelsmith.tomlfile import load_toml_model
 
 CONFIG_FILE = "modelsmith.toml"
 
@@ -53,14 +52,4 @@ def load_daemon_config(path: Path | None, home: Path) -> DaemonConfig:
         if explicit:
             raise ValidationError(f"{path}: no such config file", data={"file": str(path), "field": None})
         return DaemonConfig()
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        return DaemonConfig.model_validate(raw)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValidationError(f"{path}: not valid TOML: {exc}", data={"file": str(path), "field": None}) from exc
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValidationError(
-            f"{path}: field {field!r}: {first['msg']}", data={"file": str(path), "field": field}
-        ) from exc
+    return load_toml_model(path, DaemonConfig)

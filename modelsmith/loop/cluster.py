@@ -7,15 +7,14 @@ is generated from these models (``modelsmith config schema``), so the two never 
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from modelsmith.errors import ValidationError
+from modelsmith.tomlfile import load_toml_model
 
 CLUSTER_FILE = "cluster.toml"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -172,10 +171,6 @@ class Cluster:
         return self.root / "logs"
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
 def load_cluster(root: Path) -> Cluster:
     """Read and validate ``root/cluster.toml``; raises ValidationError naming file and field."""
     path = root / CLUSTER_FILE
@@ -186,26 +181,7 @@ def load_cluster(root: Path) -> Cluster:
             "or '-'",
             data={"file": str(path), "field": None, "cluster": name},
         )
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValidationError(
-            f"{path}: not valid TOML: {exc}", data={"file": str(path), "field": None, "cluster": name}
-        ) from exc
-    except OSError as exc:
-        raise ValidationError(
-            f"{path}: cannot read: {exc.strerror}", data={"file": str(path), "field": None, "cluster": name}
-        ) from exc
-    try:
-        config = ClusterConfig.model_validate(raw)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        field = _field_path(first["loc"])
-        raise ValidationError(
-            f"{path}: field {field!r}: {first['msg']}",
-            data={"file": str(path), "field": field, "cluster": name,
-                  "errors": [{"field": _field_path(e["loc"]), "message": e["msg"]} for e in exc.errors()]},
-        ) from exc
+    config = load_toml_model(path, ClusterConfig, extra={"cluster": name})
     if config.name is not None and config.name != name:
         raise ValidationError(
             f"{path}: field 'name': {config.name!r} does not match the directory name {name!r}",
