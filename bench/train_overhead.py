@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def main() -> None:
         cluster = rtb_pricing.write_cluster(home, model, max_steps=args.steps)
         toml = cluster / "cluster.toml"
         # Run every step: the plateau stop would end the job early and change what is measured.
-        toml.write_text(toml.read_text().replace("min_steps = 20", f"min_steps = {args.steps}"))
+        toml.write_text(re.sub(r"(?m)^min_steps = \d+$", f"min_steps = {args.steps}", toml.read_text()))
         socket_path = root / "s.sock"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
         with open(root / "daemon.log", "wb") as log:
