@@ -65,7 +65,7 @@ def phase_raw_async(model: Path, texts: list[str], max_tokens: int) -> float:
 
     async def go() -> None:
         nonlocal elapsed
-        engine = VllmEngine("bench", model, max_model_len=256, max_lora_rank=8, max_loras=1)
+        engine = VllmEngine("bench", model, max_model_len=256, max_lora_rank=8, max_loras=1, dtype="float32")
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             await engine.wait_ready(timeout=600)
