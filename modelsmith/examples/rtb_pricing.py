@@ -176,7 +176,7 @@ display_name = "tiny-llama-rtb"
 max_model_len = 256
 
 [engine]
-max_lora_rank = 16
+max_lora_rank = {lora_rank}
 max_loras = 4
 
 [sampling]
@@ -199,16 +199,16 @@ max_completion_length = 4
 max_prompt_length = 64
 beta = 0.04
 temperature = 1.0
-save_steps = 50
-min_steps = 60
+save_steps = 20
+min_steps = 20
 # With --target failures+near_misses, a margin of 1.0 trains on every core scenario: answers
 # that are already right keep being reinforced while the wrong ones are fixed.
 near_miss_margin = 1.0
 
 [training.lora]
-# Every linear layer of the tiny model (the default target_modules), rank 16.
-r = 16
-alpha = 32
+# Every linear layer of the tiny model (the default target_modules).
+r = {lora_rank}
+alpha = {lora_alpha}
 
 [policy]
 max_regressions = {max_regressions}
@@ -231,12 +231,18 @@ def write_cluster(
     max_steps: int = 100,
     learning_rate: float = 2e-3,
     max_regressions: int = 2,
+    lora_rank: int = 8,
 ) -> Path:
-    """Create (or refresh) ``home/rtb-pricing`` with its config and scenario sets."""
+    """Create (or refresh) ``home/rtb-pricing`` with its config and scenario sets.
+
+    ``lora_rank`` is the adapter's rank (alpha is twice it) and the engine's largest; the demo
+    uses 16, the default 8 fits engines started with ``--max-lora-rank 8``.
+    """
     root = home / CLUSTER
     atomic_write_text(root / "cluster.toml", CLUSTER_TOML.format(
         model=model_dir, composite=composite, held_out=held_out_threshold, max_steps=max_steps,
-        learning_rate=learning_rate, max_regressions=max_regressions))
+        learning_rate=learning_rate, max_regressions=max_regressions, lora_rank=lora_rank,
+        lora_alpha=2 * lora_rank))
     for set_name, count in (("core", core), ("held-out", held_out)):
         chosen = scenarios(set_name, count, seed, core_count=core)
         text = yaml.safe_dump({"scenarios": chosen}, sort_keys=False)
