@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return EXIT_OK
         job_id = started["jobId"]
         if not args.json:
-            print(f"  training job {job_id}: {started['scenarios']} failure scenarios, "
+            print(f"  training job {job_id}: {started['scenarios']} core scenarios ({args.target}), "
                   f"iteration {started['iteration']}, log {started['log']}")
 
         def on_event(event: Any) -> None:
