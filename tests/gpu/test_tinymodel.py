@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from modelsmith.errors import ConflictError, NotFound, ValidationError
 from modelsmith.gpu.prompting import load_tokenizer, messages_for, render_prompt
-from modelsmith.gpu.tinymodel import MARKER_NAME, build_tiny_model, warm_start
+from modelsmith.gpu.tinymodel import MARKER_NAME, build_tiny_model, pretrain, warm_start
 
 
 def _greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int = 12) -> str:
@@ -122,3 +122,31 @@ def test_warm_start_teaches_the_answer_and_repeating_it_changes_nothing(
     assert (model_dir / "model.safetensors").read_bytes() == weights
     assert len(json.loads((model_dir / MARKER_NAME).read_text())["warm_starts"]) == 1
     assert not list(model_dir.glob(".warm-start-*"))
+
+
+def _text_loss(model_dir: Path, text: str) -> float:
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_pretraining_lowers_the_loss_on_its_texts_and_repeating_it_changes_nothing(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    texts = ["premium video is premium inventory: buyers pay high prices for it."] * 4
+    before = _text_loss(model_dir, texts[0])
+
+    pretrain(model_dir, texts, steps=30, lr=3e-3, batch_size=4)
+    after = _text_loss(model_dir, texts[0])
+    assert after < before * 0.7
+    weights = (model_dir / "model.safetensors").read_bytes()
+
+    pretrain(model_dir, texts, steps=30, lr=3e-3, batch_size=4)
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    assert len(json.loads((model_dir / MARKER_NAME).read_text())["pretrains"]) == 1
+    with pytest.raises(ValidationError):
+        pretrain(model_dir, [], steps=1)
