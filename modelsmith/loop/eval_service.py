@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import anyio
@@ -46,6 +47,9 @@ class EvalService:
         self.fleet = fleet
         self.jobs = jobs
         self.engines = engines
+        # Tags handed out to evals that have not created their directory yet (two quick eval.run
+        # calls must not get the same default tag).
+        self._planned: set[tuple[str, str]] = set()
 
     # -- planning ---------------------------------------------------------------------
     def default_tag(self, runtime: ClusterRuntime, type: str, quick: bool) -> str:
@@ -53,14 +57,10 @@ class EvalService:
         if quick:
             base += "-quick"
         tag, n = base, 1
-        while (runtime.cluster.evals_dir() / tag).exists() or self._tag_running(runtime, tag):
+        while (runtime.cluster.evals_dir() / tag).exists() or (runtime.cluster.name, tag) in self._planned:
             n += 1
             tag = f"{base}-{n}"
         return tag
-
-    def _tag_running(self, runtime: ClusterRuntime, tag: str) -> bool:
-        return any(j.kind == "eval" and j.result is None and j.message.endswith(f"[{tag}]")
-                   for j in self.jobs.list_jobs(cluster=runtime.cluster.name) if not j.state.finished)
 
     def resolve_adapter(self, runtime: ClusterRuntime, requested: str | None) -> str | None:
         if requested in (None, ""):
@@ -101,6 +101,7 @@ class EvalService:
                                     data={"field": "tag", "tag": tag})
         else:
             tag = self.default_tag(runtime, params.type, params.quick)
+        self._planned.add((runtime.cluster.name, tag))
         return EvalPlan(
             tag=tag, type=params.type, quick=params.quick, scenarios=tuple(scenarios),
             scenario_sets=catalog.versions(), adapter=adapter, adapter_path=adapter_path,
@@ -134,52 +135,59 @@ class EvalService:
         log_path = runtime.cluster.logs_dir() / "eval-{job}.log"
 
         async def run(job: Job) -> dict[str, Any]:
-            job.message = f"eval [{plan.tag}]"
-            baseline = await anyio.to_thread.run_sync(self.baseline, runtime)
-            await anyio.to_thread.run_sync(lambda: ledger.append("eval.started", {
-                "tag": plan.tag, "job_id": job.job_id, "type": plan.type, "quick": plan.quick,
-                "scenarios": len(plan.scenarios), "scenario_sets": plan.scenario_sets,
-                "adapter": plan.adapter, "adapter_hash": plan.adapter_hash,
-                "domain": params.domain, "log": job.log_path,
-            }))
-            previous_phase = runtime.phase
-            runtime.phase = "evaluating"
             try:
-                await engine.wait_ready(timeout=600)
-                adapter_name = None
-                if plan.adapter is not None and plan.adapter_path is not None:
-                    adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
-                cfg = runtime.cluster.config.sampling
-                from modelsmith.gpu.engine import Sampling
-
-                sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
-                summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
-                                             adapter_name=adapter_name)
-            except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    reason = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
-                    await anyio.to_thread.run_sync(lambda: ledger.append(
-                        "eval.failed", {"tag": plan.tag, "job_id": job.job_id, "error": reason}))
-                    runtime.phase = previous_phase
-                raise
-            summary_bytes = (eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
-            import hashlib
-
-            await anyio.to_thread.run_sync(lambda: ledger.append("eval.finished", {
-                "tag": plan.tag, "job_id": job.job_id, "composite": summary.composite,
-                "held_out": summary.held_out, "passed": summary.passed,
-                "summary_sha256": hashlib.sha256(summary_bytes).hexdigest(),
-                "results_sha256": summary.results_sha256, "adapter": plan.adapter,
-            }))
-            runtime.last_eval_tag = plan.tag
-            runtime.last_summary = msgspec.to_builtins(summary)
-            runtime.phase = previous_phase
-            return {"tag": plan.tag, "composite": summary.composite, "held_out": summary.held_out,
-                    "passed": summary.passed}
+                return await self._run(job, runtime, ledger, engine, plan, params)
+            finally:
+                self._planned.discard((runtime.cluster.name, plan.tag))
 
         job = self.jobs.submit("eval", runtime.cluster.name, run, job_id=resume_job_id)
         job.log_path = str(log_path).replace("{job}", job.job_id)
         return job, plan
+
+    async def _run(self, job: Job, runtime: ClusterRuntime, ledger: Any, engine: Any, plan: EvalPlan,
+                   params: EvalRunParams) -> dict[str, Any]:
+        """The eval job: ledger start, generate + score + write, summary, ledger end."""
+        job.message = f"eval {plan.tag}"
+        baseline = await anyio.to_thread.run_sync(self.baseline, runtime)
+        await anyio.to_thread.run_sync(lambda: ledger.append("eval.started", {
+            "tag": plan.tag, "job_id": job.job_id, "type": plan.type, "quick": plan.quick,
+            "scenarios": len(plan.scenarios), "scenario_sets": plan.scenario_sets,
+            "adapter": plan.adapter, "adapter_hash": plan.adapter_hash,
+            "domain": params.domain, "log": job.log_path,
+        }))
+        previous_phase = runtime.phase
+        runtime.phase = "evaluating"
+        try:
+            await engine.wait_ready(timeout=600)
+            adapter_name = None
+            if plan.adapter is not None and plan.adapter_path is not None:
+                adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
+            cfg = runtime.cluster.config.sampling
+            from modelsmith.gpu.engine import Sampling
+
+            sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
+            summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
+                                         adapter_name=adapter_name)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                reason = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
+                await anyio.to_thread.run_sync(lambda: ledger.append(
+                    "eval.failed", {"tag": plan.tag, "job_id": job.job_id, "error": reason}))
+                runtime.phase = previous_phase
+            raise
+        summary_bytes = await anyio.Path(eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
+        await anyio.to_thread.run_sync(lambda: ledger.append("eval.finished", {
+            "tag": plan.tag, "job_id": job.job_id, "composite": summary.composite,
+            "held_out": summary.held_out, "passed": summary.passed,
+            "summary_sha256": hashlib.sha256(summary_bytes).hexdigest(),
+            "results_sha256": summary.results_sha256, "adapter": plan.adapter,
+        }))
+        runtime.last_eval_tag = plan.tag
+        runtime.last_summary = msgspec.to_builtins(summary)
+        runtime.phase = previous_phase
+        return {"tag": plan.tag, "composite": summary.composite, "held_out": summary.held_out,
+                "passed": summary.passed}
+
 
     # -- RPC ------------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:

@@ -12,6 +12,7 @@ is cut) and only the missing scenarios are sent again, so no scenario is counted
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -96,8 +97,6 @@ def read_results(path: Path, *, repair: bool = False) -> list[ScenarioResult]:
         with path.open("r+b") as fh:
             fh.truncate(good_until)
             fh.flush()
-            import os
-
             os.fsync(fh.fileno())
     return results
 
@@ -269,8 +268,6 @@ class ResultsWriter:
         self._fh.flush()
 
     def close(self) -> None:
-        import os
-
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
