@@ -14,6 +14,7 @@ Resources and errors, per connection:
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,9 @@ class Connection:
         self.subscriptions = 0
         self.inflight = 0
         self.closed = False
+        # Monotonic time of the last frame in either direction: idleness counts from here, so a
+        # subscription that just ended (or a reply just sent) does not make the peer look idle.
+        self.last_activity = time.monotonic()
 
     async def send_message(self, payload: bytes, *, shielded_timeout: float | None = None) -> None:
         """Send one frame; frames never interleave.
@@ -88,6 +92,7 @@ class Connection:
         """
         if self.closed:
             return
+        self.last_activity = time.monotonic()
         data = frame(payload)
         try:
             if not self._send_lock.locked():
@@ -222,9 +227,11 @@ class RpcServer:
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     return
             if idle.cancelled_caught:
-                if connection.inflight or connection.subscriptions:
+                quiet_for = time.monotonic() - connection.last_activity
+                if connection.inflight or connection.subscriptions or quiet_for < self.limits.idle_timeout:
                     continue
                 return
+            connection.last_activity = time.monotonic()
             assert header is not None
             try:
                 size = frame_length(header, self.limits.max_frame)
