@@ -167,7 +167,7 @@ def main() -> None:
         # exiting; the measurement is printed, so leave at once (the parent's timeout is a bound).
         os._exit(0)
     from modelsmith.examples import rtb_pricing
-    from modelsmith.gpu.tinymodel import build_tiny_model
+    from modelsmith.examples.tinymodel import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="ms-eval-model-") as scratch:
         model = build_tiny_model(Path(scratch) / "model", [*rtb_pricing.corpus(), *texts],

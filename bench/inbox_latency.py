@@ -25,8 +25,8 @@ import anyio
 import watchfiles
 
 from modelsmith.examples import rtb_pricing
-from modelsmith.gpu.tinymodel import build_tiny_model
-from modelsmith.loop.inbox import DEBOUNCE_MS
+from modelsmith.examples.tinymodel import build_tiny_model
+from modelsmith.loop.autonomy.inbox import DEBOUNCE_MS
 from modelsmith.rpc.client import RpcClient
 
 DROP = """scenarios:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from modelsmith.examples import rtb_pricing
-from modelsmith.loop.ledger import Ledger
+from modelsmith.loop.records.ledger import Ledger
 
 
 def make_home(root: Path, clusters: int, entries: int, model_dir: Path) -> Path:

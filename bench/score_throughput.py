@@ -17,8 +17,8 @@ from pathlib import Path
 import msgspec
 
 from modelsmith.examples import rtb_pricing
-from modelsmith.loop.evaluation import score_batch
-from modelsmith.loop.scenarios import Scenario, load_catalog
+from modelsmith.loop.eval.run import score_batch
+from modelsmith.loop.scoring.scenarios import Scenario, load_catalog
 
 ANSWERS = ("low", "mid", "high", "probably mid", "", "the price is high because of demand", "LOW")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from modelsmith.examples import rtb_pricing
-from modelsmith.gpu.tinymodel import build_tiny_model
+from modelsmith.examples.tinymodel import build_tiny_model
 from modelsmith.rpc.client import RpcClient
 from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent
 

@@ -137,8 +137,8 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     """Runs locally on the files (works with the daemon down)."""
     from modelsmith.errors import ModelsmithError
-    from modelsmith.loop.ledger import verify_file
-    from modelsmith.loop.promotion_verify import verify_cluster_records
+    from modelsmith.loop.promotion.record_files import verify_cluster_records
+    from modelsmith.loop.records.ledger import verify_file
     from modelsmith.rpc.address import resolve_home
 
     home = resolve_home(args.home)

@@ -139,14 +139,14 @@ def _key_path(args: argparse.Namespace) -> Path:
 
 
 def _sign(args: argparse.Namespace, statement: bytes) -> str:
-    from modelsmith.loop.ssh_sign import sign_with_ssh_keygen
+    from modelsmith.loop.records.ssh_sign import sign_with_ssh_keygen
 
     return sign_with_ssh_keygen(statement, _key_path(args))
 
 
 def _decide(args: argparse.Namespace, decision: str, reason: str) -> int:
     from modelsmith.errors import SignatureError
-    from modelsmith.loop.approval import make_statement
+    from modelsmith.loop.records.approval import make_statement
 
     view = _call(args, "promote.get", {"cluster": args.cluster, "request_id": args.request_id})
     # Hash the bytes ourselves: the reviewer signs what they can see, not a digest they are told.
@@ -195,7 +195,7 @@ def cmd_reject(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from modelsmith.errors import NotFound
-    from modelsmith.loop.approval import make_statement
+    from modelsmith.loop.records.approval import make_statement
 
     to_iteration = args.to
     if to_iteration is None:
@@ -240,11 +240,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 def _bundle_verify(args: argparse.Namespace, path: Path) -> int:
     """Offline: no daemon. A ``--home`` with the daemon's public key pins the signer."""
-    from modelsmith.loop.bundle import verify_bundle
+    from modelsmith.loop.promotion.bundle import verify_bundle
 
     trusted = None
     if args.home:
-        from modelsmith.loop.promotion_verify import trusted_daemon_key
+        from modelsmith.loop.promotion.record_files import trusted_daemon_key
 
         trusted = trusted_daemon_key(Path(args.home))
     problems = verify_bundle(path, trusted)

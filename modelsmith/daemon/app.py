@@ -25,14 +25,14 @@ from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
 from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.leases import LeaseManager
-from modelsmith.loop.eval_service import EvalService
-from modelsmith.loop.fleet import Fleet
-from modelsmith.loop.inbox import InboxWatcher
-from modelsmith.loop.jobs import JobRegistry
-from modelsmith.loop.jobs_rpc import register_job_methods
-from modelsmith.loop.loop_service import LoopService
-from modelsmith.loop.promotion import PromotionService
-from modelsmith.loop.train_service import TrainService
+from modelsmith.loop.autonomy.inbox import InboxWatcher
+from modelsmith.loop.autonomy.service import LoopService
+from modelsmith.loop.cluster.fleet import Fleet
+from modelsmith.loop.eval.service import EvalService
+from modelsmith.loop.jobs.methods import register_job_methods
+from modelsmith.loop.jobs.registry import JobRegistry
+from modelsmith.loop.promotion.service import PromotionService
+from modelsmith.loop.train.service import TrainService
 from modelsmith.rpc.dispatch import Empty, MethodTable
 from modelsmith.rpc.peercred import PeerPolicy
 from modelsmith.rpc.schema.daemon import DaemonStatus, PingResult

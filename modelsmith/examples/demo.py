@@ -161,7 +161,7 @@ def prepare_model(cache_dir: Path) -> Path:
     """
     from transformers.utils import logging as transformers_logging
 
-    from modelsmith.gpu.tinymodel import build_tiny_model, pretrain, warm_start
+    from modelsmith.examples.tinymodel import build_tiny_model, pretrain, warm_start
 
     # The demo prints its own steps; transformers' per-file progress bars are noise here.
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -445,7 +445,7 @@ def run_demo(settings: DemoSettings) -> DemoReport:
         cluster_root = rtb_pricing.write_cluster(home, report.model_dir, core=DEMO_CORE,
                                                  held_out=DEMO_HELD_OUT,
                                                  lora_rank=DEMO_LORA_RANK)
-        from modelsmith.loop.cluster import load_cluster
+        from modelsmith.loop.cluster.config import load_cluster
 
         thresholds = load_cluster(cluster_root).config.thresholds
         report.composite_threshold = thresholds.composite

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 
 from modelsmith.errors import EngineError
-from modelsmith.loop.cluster import Cluster
+from modelsmith.loop.cluster.config import Cluster
 from modelsmith.rpc.schema.daemon import EngineStatus
 
 EngineFactory = Callable[[str, Cluster], Any]

@@ -182,7 +182,7 @@ def load_and_check_spec(path: Path) -> TrainJobSpec:
 
 def decode_scenarios(spec: TrainJobSpec) -> list[Any]:
     """The spec's scenario dicts as loop Scenarios; held-out scenarios are refused."""
-    from modelsmith.loop.scenarios import Scenario
+    from modelsmith.loop.scoring.scenarios import Scenario
 
     scenarios = []
     for index, raw in enumerate(spec.scenarios):
@@ -218,7 +218,7 @@ def _pick_device(spec: TrainJobSpec) -> str:
 def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> list[str]:
     """Each prompt as eval renders it, cut from the left to ``max_prompt_length`` tokens."""
     from modelsmith.gpu.prompting import render_prompt
-    from modelsmith.loop.scenarios import prompt_messages
+    from modelsmith.loop.scoring.scenarios import prompt_messages
 
     limit = spec.grpo.max_prompt_length
     rendered = []
@@ -251,7 +251,7 @@ def _build_dataset(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> 
 
 def make_reward_function(scenarios: list[Any], stop: StopState) -> Any:
     """The rubric as a TRL reward function; the dataset's ``scenario_id`` column picks the rubric."""
-    from modelsmith.loop.rubric import score
+    from modelsmith.loop.scoring.rubric import score
 
     by_id = {scenario.id: scenario for scenario in scenarios}
 

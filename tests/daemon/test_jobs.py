@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from modelsmith.errors import ConflictError, EngineError, NotFound, Unavailable
-from modelsmith.loop.jobs import Job, JobRegistry, JobState
+from modelsmith.loop.jobs.registry import Job, JobRegistry, JobState
 from modelsmith.rpc.schema.jobs import JobEvent
 
 BOUND_S = 10

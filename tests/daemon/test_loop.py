@@ -22,8 +22,8 @@ from support.vllm_server import VllmServer, vllm_serve
 
 from modelsmith.errors import ConflictError
 from modelsmith.examples import rtb_pricing
-from modelsmith.gpu.tinymodel import build_tiny_model
-from modelsmith.loop.ledger import verify_file
+from modelsmith.examples.tinymodel import build_tiny_model
+from modelsmith.loop.records.ledger import verify_file
 
 pytestmark = pytest.mark.vllm
 

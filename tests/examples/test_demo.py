@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modelsmith.examples.demo import DemoSettings, prepare_model, run_demo, targets
-from modelsmith.gpu.tinymodel import MARKER_NAME
+from modelsmith.examples.tinymodel import MARKER_NAME
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(420)]
 

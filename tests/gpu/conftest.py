@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from modelsmith.gpu.tinymodel import build_tiny_model
+from modelsmith.examples.tinymodel import build_tiny_model
 from modelsmith.gpu.vllm_engine import VllmEngine, cpu_engine_env
 
 # The engine's environment (small KV cache on CPU, no usage statistics) before vLLM is imported.

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modelsmith.errors import ConflictError, NotFound, ValidationError
+from modelsmith.examples.tinymodel import MARKER_NAME, build_tiny_model, pretrain, warm_start
 from modelsmith.gpu.prompting import load_tokenizer, messages_for, render_prompt
-from modelsmith.gpu.tinymodel import MARKER_NAME, build_tiny_model, pretrain, warm_start
 
 
 def _greedy_answer(model_dir: Path, prompt: str, max_new_tokens: int = 12) -> str:

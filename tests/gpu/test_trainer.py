@@ -19,8 +19,8 @@ import pytest
 from safetensors.torch import load_file
 
 from modelsmith.errors import TrainerError, ValidationError
+from modelsmith.examples.tinymodel import warm_start
 from modelsmith.gpu.adapters import verify_adapter
-from modelsmith.gpu.tinymodel import warm_start
 from modelsmith.gpu.trainer import PlateauDetector
 from modelsmith.gpu.trainer_process import TrainerOutcome, run_trainer
 from modelsmith.gpu.trainer_spec import (

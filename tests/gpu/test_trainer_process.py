@@ -17,8 +17,8 @@ import anyio
 import pytest
 
 from modelsmith.errors import TrainerError
+from modelsmith.examples.tinymodel import warm_start
 from modelsmith.gpu.adapters import verify_adapter
-from modelsmith.gpu.tinymodel import warm_start
 from modelsmith.gpu.trainer_process import PID_FILE, SPEC_FILE, TrainerProcess, run_trainer
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,

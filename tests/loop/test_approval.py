@@ -14,14 +14,14 @@ import msgspec
 import pytest
 
 from modelsmith.errors import NotFound, SignatureError, ValidationError
-from modelsmith.loop.approval import (
+from modelsmith.loop.records.approval import (
     NAMESPACE,
     VerifiedApproval,
     digest_request_file,
     make_statement,
     verify_approval,
 )
-from modelsmith.loop.ssh_sign import sign_with_ssh_keygen
+from modelsmith.loop.records.ssh_sign import sign_with_ssh_keygen
 
 CLUSTER = "sql-review"
 REQUEST_DIGEST = hashlib.sha256(b'{"request":"promote iter-3"}').hexdigest()
@@ -372,9 +372,9 @@ def test_signing_with_a_file_that_is_not_a_key_fails_with_sign_failed(tmp_path: 
 
 def test_the_cli_side_modules_do_not_import_cryptography() -> None:
     probe = (
-        "import sys, modelsmith.loop.ssh_sign; "
+        "import sys, modelsmith.loop.records.ssh_sign; "
         "print(sorted(m for m in ('cryptography', 'msgspec', 'sshsig') if m in sys.modules)); "
-        "import modelsmith.loop.approval; "
+        "import modelsmith.loop.records.approval; "
         "print(sorted(m for m in ('cryptography', 'sshsig') if m in sys.modules))"
     )
     printed = subprocess.run(

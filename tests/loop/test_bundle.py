@@ -22,9 +22,9 @@ from support.promotion_home import (
 )
 
 from modelsmith.errors import NotFound
-from modelsmith.loop.approval import make_statement
-from modelsmith.loop.bundle import MANIFEST, TARBALL, failure_patterns, verify_bundle
-from modelsmith.loop.promotion import PromotionService, Requester
+from modelsmith.loop.promotion.bundle import MANIFEST, TARBALL, failure_patterns, verify_bundle
+from modelsmith.loop.promotion.service import PromotionService, Requester
+from modelsmith.loop.records.approval import make_statement
 from modelsmith.rpc.schema.evals import CriterionOutcome, ScenarioResult
 
 ME = Requester(uid=os.getuid(), pid=os.getpid(), username="agent")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelsmith.loop.diagnose import EXAMPLES_PER_PATTERN, classify, diagnose
+from modelsmith.loop.eval.diagnose import EXAMPLES_PER_PATTERN, classify, diagnose
 from modelsmith.rpc.schema.evals import CriterionOutcome, ScenarioResult
 
 

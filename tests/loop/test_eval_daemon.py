@@ -13,11 +13,11 @@ import pytest
 
 from modelsmith.errors import ConflictError, InvalidParams, NotFound
 from modelsmith.examples import rtb_pricing
-from modelsmith.loop.cluster import load_cluster
-from modelsmith.loop.eval_service import EvalService
-from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, execute_eval
-from modelsmith.loop.fleet import ClusterRuntime
-from modelsmith.loop.jobs import Job
+from modelsmith.loop.cluster.config import load_cluster
+from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, execute_eval
+from modelsmith.loop.eval.service import EvalService
+from modelsmith.loop.jobs.registry import Job
 from modelsmith.rpc.schema.evals import EvalRunParams
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from modelsmith.errors import LedgerCorrupt, NotFound, ValidationError
-from modelsmith.loop.ledger import GENESIS_PREV, Ledger, verify_file
+from modelsmith.loop.records.ledger import GENESIS_PREV, Ledger, verify_file
 
 
 def _sha256_hex(data: bytes) -> str:

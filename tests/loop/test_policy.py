@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 from support.promotion_home import CORE_IDS, HELD_IDS, PromotionHome
 
-from modelsmith.loop.policy import check_policy
+from modelsmith.loop.promotion.policy import check_policy
 from modelsmith.rpc.schema.promotion import PolicyReport
 
 ALL_CHECKS = {"cluster_state", "candidate", "eval_found", "eval_full", "eval_of_candidate",
@@ -97,7 +97,7 @@ def test_a_manifest_that_trained_on_a_held_out_scenario_fails_the_leakage_check(
     home = PromotionHome(tmp_path)
     home.add_eval("base-eval", None, set(CORE_IDS[2:]))
     held = home.catalog.require(HELD_IDS[0])
-    from modelsmith.loop.scenarios import prompt_hash, scenario_hash
+    from modelsmith.loop.scoring.scenarios import prompt_hash, scenario_hash
 
     lying_manifest = {  # a trainer that claims ok but trained on held-1
         "job_id": "train-1", "cluster": "rtb-pricing", "iteration": 1, "eval_tag": "base-eval",

@@ -33,14 +33,14 @@ from modelsmith.errors import (
     Unavailable,
     ValidationError,
 )
-from modelsmith.loop.approval import make_statement
-from modelsmith.loop.eval_service import EvalService
-from modelsmith.loop.fleet import ClusterRuntime, Fleet, restore_from_ledger
-from modelsmith.loop.jobs import JobRegistry
-from modelsmith.loop.ledger import Ledger
-from modelsmith.loop.promotion import PromotionService, Requester
-from modelsmith.loop.promotion_verify import verify_cluster_records
-from modelsmith.loop.signing import verify_record
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet, restore_from_ledger
+from modelsmith.loop.eval.service import EvalService
+from modelsmith.loop.jobs.registry import JobRegistry
+from modelsmith.loop.promotion.record_files import verify_cluster_records
+from modelsmith.loop.promotion.service import PromotionService, Requester
+from modelsmith.loop.records.approval import make_statement
+from modelsmith.loop.records.ledger import Ledger
+from modelsmith.loop.records.signing import verify_record
 
 ME = Requester(uid=os.getuid(), pid=os.getpid(), username="agent")
 

@@ -9,8 +9,8 @@ import msgspec
 import pytest
 
 from modelsmith.errors import ValidationError
-from modelsmith.loop.criteria import DEFAULT_JUDGE_TEMPLATE
-from modelsmith.loop.rubric import (
+from modelsmith.loop.scoring.criteria import DEFAULT_JUDGE_TEMPLATE
+from modelsmith.loop.scoring.rubric import (
     ERROR_KINDS,
     CriterionResult,
     JudgeVerdict,

@@ -8,8 +8,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelsmith.loop.criteria import ExactCriterion, normalize_text
-from modelsmith.loop.rubric import JudgeVerdict, Rubric, numeric_credit, score
+from modelsmith.loop.scoring.criteria import ExactCriterion, normalize_text
+from modelsmith.loop.scoring.rubric import JudgeVerdict, Rubric, numeric_credit, score
 
 # Shared 2-core machines: no per-example deadline.
 quick = settings(deadline=None, max_examples=150)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from modelsmith.errors import NotFound, ValidationError
-from modelsmith.loop.criteria import RegexCriterion
-from modelsmith.loop.scenarios import (
+from modelsmith.loop.scoring.criteria import RegexCriterion
+from modelsmith.loop.scoring.scenarios import (
     ChatMessage,
     Scenario,
     ScenarioCatalog,

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from modelsmith.errors import PermissionDenied, SignatureError, ValidationError
-from modelsmith.loop.signing import (
+from modelsmith.loop.records.signing import (
     PRIVATE_KEY_NAME,
     PUBLIC_KEY_NAME,
     DaemonKey,
@@ -73,7 +73,7 @@ def test_a_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
 def test_daemons_starting_at_once_all_end_up_with_one_key(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     script = (
-        "import sys; from pathlib import Path; from modelsmith.loop.signing import DaemonKey; "
+        "import sys; from pathlib import Path; from modelsmith.loop.records.signing import DaemonKey; "
         "print(DaemonKey.load_or_create(Path(sys.argv[1])).public_key_b64)"
     )
     starts = [

@@ -9,15 +9,15 @@ import yaml
 
 from modelsmith.errors import LeakageError, ValidationError
 from modelsmith.examples import rtb_pricing
-from modelsmith.loop.evaluation import score_batch
-from modelsmith.loop.scenarios import (
+from modelsmith.loop.eval.run import score_batch
+from modelsmith.loop.scoring.scenarios import (
     Scenario,
     ScenarioCatalog,
     load_catalog,
     prompt_hash,
     scenario_hash,
 )
-from modelsmith.loop.training_set import (
+from modelsmith.loop.train.training_set import (
     ScenarioRef,
     TrainingManifest,
     build_manifest,

@@ -14,8 +14,8 @@ from support.daemon_process import short_tmp_dir
 
 from modelsmith.daemon.listener import bind_unix_socket
 from modelsmith.errors import InternalError, InvalidParams, MethodNotFound, ValidationError
-from modelsmith.loop.jobs import Job, JobRegistry
-from modelsmith.loop.jobs_rpc import register_job_methods
+from modelsmith.loop.jobs.methods import register_job_methods
+from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.rpc.client import AsyncRpcClient, connect
 from modelsmith.rpc.dispatch import Empty, MethodTable, QueryParams
 from modelsmith.rpc.peercred import PeerPolicy

@@ -32,7 +32,7 @@ import msgspec
 import pytest
 
 from modelsmith.examples import rtb_pricing
-from modelsmith.gpu.tinymodel import build_tiny_model
+from modelsmith.examples.tinymodel import build_tiny_model
 from modelsmith.rpc.client import RpcClient
 from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent
 from support.daemon_process import DaemonProcess, start_daemon

@@ -19,13 +19,13 @@ import msgspec
 
 from modelsmith.gpu.adapters import save_adapter_atomically
 from modelsmith.gpu.engines import EnginePool
-from modelsmith.loop.cluster import Cluster
-from modelsmith.loop.evaluation import group_scores, weighted_mean
-from modelsmith.loop.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.ledger import Ledger
-from modelsmith.loop.scenarios import load_catalog, scenario_hash
-from modelsmith.loop.ssh_sign import NAMESPACE, sign_with_ssh_keygen
-from modelsmith.loop.training_set import build_manifest
+from modelsmith.loop.cluster.config import Cluster
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.eval.run import group_scores, weighted_mean
+from modelsmith.loop.records.ledger import Ledger
+from modelsmith.loop.records.ssh_sign import NAMESPACE, sign_with_ssh_keygen
+from modelsmith.loop.scoring.scenarios import load_catalog, scenario_hash
+from modelsmith.loop.train.training_set import build_manifest
 from modelsmith.rpc.schema.evals import (
     CriterionOutcome,
     EvalSummary,

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from modelsmith.errors import ModelsmithError
-from modelsmith.loop.evaluation import (
+from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     SUMMARY_FILE,
     eval_dir,
@@ -39,9 +40,8 @@ from modelsmith.loop.evaluation import (
     read_summary,
     regressions_against,
 )
-from modelsmith.loop.fleet import ClusterRuntime
-from modelsmith.loop.ledger import Ledger, LedgerEntry
-from modelsmith.loop.scenarios import prompt_hash, scenario_hash
+from modelsmith.loop.records.ledger import Ledger, LedgerEntry
+from modelsmith.loop.scoring.scenarios import prompt_hash, scenario_hash
 from modelsmith.rpc.schema.evals import EvalSummary
 from modelsmith.rpc.schema.promotion import PolicyCheck, PolicyReport
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from modelsmith.errors import ModelsmithError, NotFound, Unavailable
-from modelsmith.loop.cluster import Cluster, ClusterProblem, discover_clusters
-from modelsmith.loop.ledger import Ledger
-from modelsmith.loop.scenarios import ScenarioCatalog, load_catalog
+from modelsmith.loop.cluster.config import Cluster, ClusterProblem, discover_clusters
+from modelsmith.loop.records.ledger import Ledger
+from modelsmith.loop.scoring.scenarios import ScenarioCatalog, load_catalog
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.daemon import (
     ClusterLoadError,

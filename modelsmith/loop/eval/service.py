@@ -9,7 +9,8 @@ import anyio
 import msgspec
 
 from modelsmith.errors import ConflictError, NotFound
-from modelsmith.loop.evaluation import (
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     EvalPlan,
     check_tag,
@@ -19,8 +20,7 @@ from modelsmith.loop.evaluation import (
     read_summary,
     select_scenarios,
 )
-from modelsmith.loop.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.jobs import Job, JobRegistry
+from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import (
     EvalCompareParams,
@@ -255,7 +255,7 @@ class EvalService:
         error = None
         if reload:
             try:
-                from modelsmith.loop.scenarios import load_catalog
+                from modelsmith.loop.scoring.scenarios import load_catalog
 
                 load_catalog(runtime.cluster.scenarios_dir)
             except ModelsmithError as exc:

@@ -26,9 +26,9 @@ import anyio.abc
 import structlog
 
 from modelsmith.errors import ConflictError, GateFailed, ModelsmithError
-from modelsmith.loop.fleet import ClusterRuntime
-from modelsmith.loop.jobs import Job, JobState
-from modelsmith.loop.recovery import InterruptedJob, interrupted_jobs, stop_orphaned_trainer
+from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.cluster.recovery import InterruptedJob, interrupted_jobs, stop_orphaned_trainer
+from modelsmith.loop.jobs.registry import Job, JobState
 
 log = structlog.get_logger("modelsmith.supervisor")
 

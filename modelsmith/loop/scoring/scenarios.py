@@ -30,15 +30,15 @@ import msgspec
 from msgspec import Meta, Struct
 
 from modelsmith.errors import NotFound, ValidationError
-from modelsmith.loop.criteria import (
+from modelsmith.loop.scoring.criteria import (
     ChoiceCriterion,
     InvalidField,
     NumericCriterion,
     Rubric,
     parse_reference_number,
 )
-from modelsmith.loop.yaml_lines import NodePath, load_yaml_with_lines, path_key
-from modelsmith.loop.yaml_lines import file_error as _error
+from modelsmith.loop.scoring.yaml_lines import NodePath, load_yaml_with_lines, path_key
+from modelsmith.loop.scoring.yaml_lines import file_error as _error
 
 __all__ = [
     "SCENARIO_SUFFIXES",

@@ -40,9 +40,9 @@ from modelsmith.atomic import atomic_write_bytes, fsync_dir
 from modelsmith.errors import ModelsmithError, NotFound
 
 if TYPE_CHECKING:
-    from modelsmith.loop.cluster import Cluster
-    from modelsmith.loop.ledger import LedgerEntry
-    from modelsmith.loop.signing import DaemonKey
+    from modelsmith.loop.cluster.config import Cluster
+    from modelsmith.loop.records.ledger import LedgerEntry
+    from modelsmith.loop.records.signing import DaemonKey
 
 __all__ = ["MANIFEST", "MANIFEST_SIG", "TARBALL", "BuiltBundle", "build_bundle", "verify_bundle"]
 
@@ -128,7 +128,7 @@ def training_curve(log_path: Path) -> list[dict[str, Any]]:
 
 
 def composite_by_iteration(entries: Sequence[LedgerEntry]) -> list[dict[str, Any]]:
-    from modelsmith.loop.policy import iteration_of
+    from modelsmith.loop.promotion.policy import iteration_of
 
     return [{"iteration": iteration_of(e.data.get("adapter")), "tag": e.data.get("tag"),
              "adapter": e.data.get("adapter"), "composite": e.data.get("composite"),
@@ -137,7 +137,7 @@ def composite_by_iteration(entries: Sequence[LedgerEntry]) -> list[dict[str, Any
 
 
 def _leakage_proof(cluster: Cluster, manifest: dict[str, Any] | None) -> dict[str, Any]:
-    from modelsmith.loop.scenarios import load_catalog, prompt_hash, scenario_hash
+    from modelsmith.loop.scoring.scenarios import load_catalog, prompt_hash, scenario_hash
 
     manifest = manifest or {}
     trained = [s for s in manifest.get("scenarios", []) if isinstance(s, dict)]
@@ -241,8 +241,8 @@ def build_bundle(cluster: Cluster, entries: Sequence[LedgerEntry], request_id: s
     ``entries`` are the cluster's ledger entries; ``key`` signs MANIFEST. Raises NotFound when
     the ledger has no such request.
     """
-    from modelsmith.loop.bundle_html import BundlePage, render_page
-    from modelsmith.loop.evaluation import RESULTS_FILE, read_results
+    from modelsmith.loop.eval.run import RESULTS_FILE, read_results
+    from modelsmith.loop.promotion.bundle_html import BundlePage, render_page
 
     root = cluster.root
     requested = _find(entries, ("promotion.requested",), request_id)
@@ -380,7 +380,7 @@ def _check_files(files: dict[str, bytes], where: str, trusted_key: str | None) -
 
 def _check_signature(files: dict[str, bytes], manifest: bytes, where: str,
                      trusted_key: str | None) -> list[str]:
-    from modelsmith.loop.signing import verify_record, verify_signature
+    from modelsmith.loop.records.signing import verify_record, verify_signature
 
     signature = files.get(MANIFEST_SIG)
     if signature is None:

@@ -1,7 +1,7 @@
 """Promotion record files: their encoding, and the offline check that they match the ledger.
 
 Every record under ``<cluster>/promotions/`` (request, decision, rollback) is a JSON object
-signed by the daemon key (:mod:`modelsmith.loop.signing`) and written once. Its ledger entry
+signed by the daemon key (:mod:`modelsmith.loop.records.signing`) and written once. Its ledger entry
 names the file (relative to the cluster directory) and the sha256 of its bytes:
 
     promotion.requested              {file, sha256, ...}
@@ -26,8 +26,8 @@ from typing import Any
 import msgspec
 
 from modelsmith.errors import ModelsmithError
-from modelsmith.loop.ledger import LedgerEntry
-from modelsmith.loop.signing import PUBLIC_KEY_NAME, canonical_json, verify_record
+from modelsmith.loop.records.ledger import LedgerEntry
+from modelsmith.loop.records.signing import PUBLIC_KEY_NAME, canonical_json, verify_record
 
 __all__ = [
     "PROMOTIONS_DIR",

@@ -1,6 +1,6 @@
 """What the ledger says about promotions: a request's state, honoured nonces, champions.
 
-Pure reads of a cluster's :class:`~modelsmith.loop.ledger.Ledger` (and its record files), shared
+Pure reads of a cluster's :class:`~modelsmith.loop.records.ledger.Ledger` (and its record files), shared
 by the promotion service and its query methods ``promote.get`` and ``promote.history``.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelsmith.errors import NotFound
-from modelsmith.loop.fleet import ClusterRuntime
-from modelsmith.loop.ledger import Ledger, LedgerEntry
-from modelsmith.loop.policy import iteration_of
+from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.promotion.policy import iteration_of
+from modelsmith.loop.records.ledger import Ledger, LedgerEntry
 from modelsmith.rpc.schema.promotion import (
     ApprovalView,
     ChampionEntry,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from modelsmith.errors import SignatureError, ValidationError
-from modelsmith.loop.ssh_sign import NAMESPACE
+from modelsmith.loop.records.ssh_sign import NAMESPACE
 
 if TYPE_CHECKING:
     from sshsig import PublicKey

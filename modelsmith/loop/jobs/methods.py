@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelsmith.loop.jobs import JobRegistry
+from modelsmith.loop.jobs.registry import JobRegistry
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.jobs import (
     JOB_EVENT,

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from modelsmith.loop.ledger import Ledger
+from modelsmith.loop.records.ledger import Ledger
 
 log = structlog.get_logger("modelsmith.recovery")
 

@@ -27,10 +27,10 @@ import structlog
 
 from modelsmith.atomic import atomic_write_bytes, fsync_dir
 from modelsmith.errors import ConflictError, NotFound, ValidationError
-from modelsmith.loop.fleet import ClusterRuntime
-from modelsmith.loop.jobs import Job
-from modelsmith.loop.rubric import RubricScore, score, score_with_judge
-from modelsmith.loop.scenarios import (
+from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.jobs.registry import Job
+from modelsmith.loop.scoring.rubric import RubricScore, score, score_with_judge
+from modelsmith.loop.scoring.scenarios import (
     Scenario,
     prompt_messages,
     prompt_text,

@@ -11,7 +11,7 @@ with ``error_kind="judge_failure"``, it is left out of the weighted mean (the mo
 charged a 0 for the judge's fault), and the whole result is marked ``judge_error`` and not passed.
 
 The criteria themselves (types, options, load-time checks) are in
-:mod:`modelsmith.loop.criteria`; they are re-exported here.
+:mod:`modelsmith.loop.scoring.criteria`; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Struct, UnsetType
 
 from modelsmith.errors import ValidationError
-from modelsmith.loop.criteria import (
+from modelsmith.loop.scoring.criteria import (
     ChoiceCriterion,
     ContainsCriterion,
     Criterion,

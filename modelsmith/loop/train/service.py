@@ -37,12 +37,12 @@ from modelsmith.gpu.trainer_spec import (
     TrainJobSpec,
     estimate_duration_minutes,
 )
-from modelsmith.loop.diagnose import diagnose
-from modelsmith.loop.eval_service import EvalService
-from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, read_results, read_summary, utc_now
-from modelsmith.loop.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.jobs import Job, JobRegistry
-from modelsmith.loop.training_set import build_manifest, select_training_scenarios
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.eval.diagnose import diagnose
+from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, read_results, read_summary, utc_now
+from modelsmith.loop.eval.service import EvalService
+from modelsmith.loop.jobs.registry import Job, JobRegistry
+from modelsmith.loop.train.training_set import build_manifest, select_training_scenarios
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
 from modelsmith.rpc.schema.jobs import JobSummary
@@ -276,7 +276,7 @@ class TrainService:
     # -- RPC ---------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:
         async def train_start(params: TrainStartParams, ctx: CallContext) -> TrainStarted:
-            from modelsmith.loop.jobs import new_job_id
+            from modelsmith.loop.jobs.registry import new_job_id
 
             job_id = new_job_id()
             prepared = await anyio.to_thread.run_sync(self.prepare, params, job_id)

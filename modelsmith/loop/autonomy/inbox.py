@@ -28,8 +28,8 @@ import watchfiles
 
 from modelsmith.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from modelsmith.errors import ModelsmithError, ValidationError
-from modelsmith.loop.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.scenarios import (
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.scoring.scenarios import (
     SCENARIO_SUFFIXES,
     ScenarioCatalog,
     ScenarioSet,

@@ -9,12 +9,12 @@ import anyio
 import anyio.abc
 import msgspec
 
-from modelsmith.loop.eval_service import EvalService
-from modelsmith.loop.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.jobs import Job, JobRegistry
-from modelsmith.loop.recovery import InterruptedJob
-from modelsmith.loop.supervisor import ClusterSupervisor, LoopDeps
-from modelsmith.loop.train_service import TrainService
+from modelsmith.loop.autonomy.supervisor import ClusterSupervisor, LoopDeps
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.cluster.recovery import InterruptedJob
+from modelsmith.loop.eval.service import EvalService
+from modelsmith.loop.jobs.registry import Job, JobRegistry
+from modelsmith.loop.train.service import TrainService
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
 from modelsmith.rpc.schema.loop import LoopControlParams, LoopStatus, LoopStatuses, LoopStatusParams
@@ -52,7 +52,7 @@ class LoopService:
         return self.evals.start(params, plan=plan, resume_job_id=item.job_id)[0]
 
     async def _start_train(self, runtime: ClusterRuntime, eval_tag: str) -> Job:
-        from modelsmith.loop.jobs import new_job_id
+        from modelsmith.loop.jobs.registry import new_job_id
 
         params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=eval_tag, follow_up_eval=False)
         job_id = new_job_id()
@@ -67,8 +67,8 @@ class LoopService:
         return self.training.start(params, item.job_id, prepared)[0]
 
     async def _diagnose(self, runtime: ClusterRuntime, tag: str) -> dict[str, Any]:
-        from modelsmith.loop.diagnose import diagnose
-        from modelsmith.loop.evaluation import RESULTS_FILE, eval_dir, read_results
+        from modelsmith.loop.eval.diagnose import diagnose
+        from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, read_results
 
         def work() -> dict[str, Any]:
             results = read_results(eval_dir(runtime, tag) / RESULTS_FILE)
@@ -82,7 +82,7 @@ class LoopService:
         return bool(report.passed), reasons
 
     async def _request_promotion(self, runtime: ClusterRuntime, tag: str) -> str:
-        from modelsmith.loop.promotion import Requester
+        from modelsmith.loop.promotion.service import Requester
 
         requested = await self.promotions.request(
             runtime.cluster.name, Requester.of(os.getuid(), os.getpid()), eval_tag=tag,

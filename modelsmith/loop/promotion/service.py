@@ -11,11 +11,11 @@ Flow (every step is a ledger event; the ledger is what a restarted daemon resume
 
 Records (request, decision, rollback) are JSON objects signed with the daemon's Ed25519 key and
 written once (``create_exclusive``) under ``<cluster>/promotions/``; their ledger entries hold
-each file's sha256 (see :mod:`modelsmith.loop.promotion_verify`).
+each file's sha256 (see :mod:`modelsmith.loop.promotion.record_files`).
 
 Who may decide: only a holder of a private SSH key listed in ``<home>/allowed_signers``. The
 daemon checks the reviewer's SSHSIG signature over an approval statement that names the
-request's digest (:mod:`modelsmith.loop.approval`); it never sees a reviewer's key. Nonces of
+request's digest (:mod:`modelsmith.loop.records.approval`); it never sees a reviewer's key. Nonces of
 honoured statements live in the ledger, so a replay is refused across restarts too. The MCP
 server does not expose ``promote.decide`` or ``promote.rollback``; even if a client called them,
 no agent holds a listed key.
@@ -50,19 +50,19 @@ from modelsmith.errors import (
     SignatureError,
     ValidationError,
 )
-from modelsmith.loop.approval import VerifiedApproval, verify_approval
-from modelsmith.loop.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.ledger import LedgerEntry
-from modelsmith.loop.policy import TRAINING_MANIFEST, check_policy, iteration_of
-from modelsmith.loop.promotion_state import (
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.promotion.policy import TRAINING_MANIFEST, check_policy, iteration_of
+from modelsmith.loop.promotion.record_files import PROMOTIONS_DIR, encode_record
+from modelsmith.loop.promotion.state import (
     RequestState,
     promotion_history,
     promotion_view,
     request_state,
     seen_nonces,
 )
-from modelsmith.loop.promotion_verify import PROMOTIONS_DIR, encode_record
-from modelsmith.loop.signing import DaemonKey, verify_record
+from modelsmith.loop.records.approval import VerifiedApproval, verify_approval
+from modelsmith.loop.records.ledger import LedgerEntry
+from modelsmith.loop.records.signing import DaemonKey, verify_record
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.promotion import (
     BundleExported,
@@ -215,7 +215,7 @@ class PromotionService:
 
     async def export_bundle(self, cluster: str, request_id: str) -> BundleExported:
         """Write ``<cluster>/bundles/<request_id>/`` (index.html + bundle.tar.gz)."""
-        from modelsmith.loop.bundle import build_bundle
+        from modelsmith.loop.promotion.bundle import build_bundle
 
         runtime = self.fleet.get(cluster)
         ledger = runtime.require_ledger()

@@ -5,7 +5,7 @@ Struct in a union tagged on the field ``type`` (``exact``, ``contains``, ``not_c
 ``regex``, ``json``, ``numeric``, ``choice``, ``length``, ``llm_judge``). Everything that can be
 checked without an answer is checked when the criterion is decoded (``__post_init__``): regexes
 compile, JSON schemas are valid, weights are positive, options fit together. So a ``Rubric`` that
-exists is a rubric that can score; scoring itself lives in :mod:`modelsmith.loop.rubric`.
+exists is a rubric that can score; scoring itself lives in :mod:`modelsmith.loop.scoring.rubric`.
 
 Problems found at decode time are raised as :class:`InvalidField` (a ``ValueError``, which msgspec
 turns into a ``msgspec.ValidationError`` with the path of the offending object); the scenario

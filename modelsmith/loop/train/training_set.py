@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from modelsmith.errors import LeakageError, ValidationError
-from modelsmith.loop.scenarios import Scenario, ScenarioCatalog, prompt_hash, scenario_hash
+from modelsmith.loop.scoring.scenarios import Scenario, ScenarioCatalog, prompt_hash, scenario_hash
 from modelsmith.rpc.schema.evals import ScenarioResult
 
 

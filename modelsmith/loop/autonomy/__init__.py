@@ -1,0 +1,1 @@
+"""Per-cluster supervisors, the loop service, the inbox watcher."""

@@ -1,0 +1,1 @@
+"""Running an eval, its service (eval.* methods), diagnose."""

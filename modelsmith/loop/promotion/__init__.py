@@ -1,0 +1,1 @@
+"""Policy gate, promotion requests, approvals, rollback, evidence bundle."""

@@ -1,0 +1,1 @@
+"""Scenarios, their files, criteria and rubric scoring: a leaf (imports nothing of the daemon)."""

@@ -1,0 +1,1 @@
+"""Training sets (leakage proof) and the training service."""
