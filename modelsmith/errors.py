@@ -155,3 +155,19 @@ def error_class_for_code(code: int) -> type[ModelsmithError]:
         if cls.code == code and cls is not ProtocolError:
             return cls
     return ModelsmithError
+
+
+def error_envelope(exc: BaseException) -> dict[str, Any]:
+    """The one error shape that crosses a boundary (wire, ledger, MCP, CLI JSON).
+
+    ``{"code", "name", "message", "data"}``. A foreign exception never leaks its text: it becomes
+    an internal error naming only its type (its traceback stays in the daemon's log).
+    """
+    if isinstance(exc, ModelsmithError):
+        return {"code": exc.code, "name": exc.name, "message": exc.message, "data": dict(exc.data)}
+    return {
+        "code": InternalError.code,
+        "name": InternalError.name,
+        "message": "internal error; see the daemon log",
+        "data": {"type": type(exc).__name__},
+    }
