@@ -23,10 +23,11 @@ from modelsmith import __version__
 from modelsmith.daemon.config import DaemonConfig
 from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
 from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
-from modelsmith.gpu.engines import EnginePool
+from modelsmith.gpu.engines import EnginePool, EngineSpec
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.loop.autonomy.inbox import InboxWatcher
 from modelsmith.loop.autonomy.service import LoopService
+from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import Fleet
 from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.methods import register_job_methods
@@ -39,6 +40,23 @@ from modelsmith.rpc.schema.daemon import DaemonStatus, PingResult
 from modelsmith.rpc.server import CallContext, RpcServer, ServerLimits
 
 log = structlog.get_logger("modelsmith.daemon")
+
+
+def engine_spec_for(cluster: Cluster) -> EngineSpec:
+    """The engine a cluster's ``[model]`` and ``[engine]`` sections ask for, as the pool reads it."""
+    model, engine = cluster.config.model, cluster.config.engine
+    return EngineSpec(
+        model=cluster.base_model,
+        kind=engine.kind,
+        dtype=model.dtype,
+        max_model_len=model.max_model_len,
+        url=engine.url,
+        api_key_env=engine.api_key_env,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        max_lora_rank=engine.max_lora_rank,
+        max_loras=engine.max_loras,
+    )
 
 
 @dataclass
@@ -119,7 +137,7 @@ class Daemon:
             if runtime.status_error:
                 log.error("cluster unavailable", cluster=runtime.cluster.name, error=runtime.status_error)
             if self.config.start_engines and runtime.ledger is not None:
-                self.engines.add_cluster(runtime.cluster)
+                self.engines.add_cluster(runtime.cluster.name, engine_spec_for(runtime.cluster))
         raw_sock, owns_path = self._open_listener_socket()
         bound_inode = self.socket_path.stat().st_ino if owns_path else None
         listener = await anyio.abc.SocketListener.from_socket(raw_sock)  # type: ignore[arg-type]
