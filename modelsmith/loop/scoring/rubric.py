@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal
 
 import anyio
@@ -68,7 +68,6 @@ __all__ = [
     "judge_prompt",
     "parse_judge_reply",
     "score",
-    "score_many",
     "score_with_judge",
 ]
 
@@ -521,12 +520,6 @@ def score(
         criteria=tuple(results),
         judge_error=judge_error,
     )
-
-
-def score_many(items: Sequence[tuple[Rubric, str, str | None]]) -> list[RubricScore]:
-    """Score many ``(rubric, response, reference)`` answers; meant for a worker thread
-    (``anyio.to_thread.run_sync(score_many, items)``). Judge criteria are judge failures here."""
-    return [score(rubric, response, reference) for rubric, response, reference in items]
 
 
 async def score_with_judge(

@@ -50,7 +50,6 @@ __all__ = [
     "SetName",
     "canonical_json",
     "load_catalog",
-    "load_scenario_file",
     "parse_scenarios",
     "prompt_hash",
     "prompt_messages",
@@ -336,12 +335,6 @@ def _read_bytes(path: Path) -> bytes:
         raise NotFound(f"no scenario file {path}", data={"file": str(path)}) from exc
     except OSError as exc:
         raise _error("unreadable", f"cannot read: {exc.strerror}", file=str(path)) from exc
-
-
-def load_scenario_file(path: Path, *, default_set: str | None = None) -> list[Scenario]:
-    """Read and decode one scenario file; see :func:`parse_scenarios`."""
-    path = Path(path)
-    return parse_scenarios(_read_bytes(path), filename=str(path), default_set=default_set)
 
 
 # ---------------------------------------------------------------------------------------------
