@@ -40,6 +40,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from modelsmith.errors import DaemonUnreachable, ModelsmithError, Unavailable
 from modelsmith.examples import rtb_pricing
 from modelsmith.rpc.client import RpcClient
@@ -337,8 +339,9 @@ def _latest_train_job(socket_path: Path, seen: set[str]) -> dict[str, Any] | Non
 def _wait_job(socket_path: Path, job_id: str) -> dict[str, Any]:
     from modelsmith.clients.watch import follow_job
 
-    job: dict[str, Any] = follow_job(socket_path, job_id, timeout=CLI_TIMEOUT_S,
-                                     show_progress=False)
+    # The demo reads every RPC result as built-ins (the shape it prints and records).
+    job: dict[str, Any] = msgspec.to_builtins(
+        follow_job(socket_path, job_id, timeout=CLI_TIMEOUT_S, show_progress=False))
     return job
 
 
