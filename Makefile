@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# ssh-keygen signs approvals in the tests; Debian's chromium renders the evidence bundle.
 	command -v ssh-keygen >/dev/null || (apt-get update -qq && apt-get install -y -qq openssh-client) || true
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
+	# Debian's systemd: systemd-analyze (verify, security) and systemd-socket-activate for the unit tests.
+	(command -v systemd-analyze && command -v systemd-socket-activate) >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd) || true
 	touch $(STAMP)
 
 lint: setup

@@ -63,6 +63,35 @@ def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
     return sock
 
 
+def bound_path(fd: int) -> Path | None:
+    """The address a socket passed in by socket activation is bound to, without taking the fd.
+
+    A filesystem socket gives its path (made absolute against our working directory, which is
+    the activator's); an abstract one gives ``@name``; an unnamed socket or a descriptor that is
+    not a socket gives None (:func:`inherited_socket` refuses the latter with a clear error).
+    """
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        probe = socket.socket(fileno=copy)
+    except OSError:  # not a socket: the copy is still ours to close
+        os.close(copy)
+        return None
+    try:
+        name = probe.getsockname()
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    if isinstance(name, bytes):  # the abstract namespace: b"\0name"
+        return Path("@" + name[1:].decode("utf-8", "replace")) if name[:1] == b"\0" else None
+    if not isinstance(name, str) or not name:
+        return None
+    return Path(os.path.abspath(name))
+
+
 def inherited_socket(fd: int) -> socket.socket:
     sock = socket.socket(fileno=fd)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:

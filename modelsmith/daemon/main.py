@@ -21,6 +21,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def served_socket_path(configured: Path) -> Path:
+    """The socket the daemon will really serve: under socket activation, the inherited one.
+
+    READY's STATUS line, the log and ``daemon.status`` report this path, so it must be the
+    socket systemd (or ``systemd-socket-activate -l PATH``) bound, not the one ``--socket`` or
+    ``$MODELSMITH_SOCKET`` would have named. The fds stay where they are: the daemon takes
+    them when it starts listening.
+    """
+    from modelsmith.daemon.listener import bound_path
+    from modelsmith.daemon.sdnotify import listen_fds
+
+    fds = listen_fds(unset_environment=False)
+    if not fds:
+        return configured
+    served = bound_path(fds[0])
+    if served is None:
+        return configured
+    if served != configured:
+        import structlog
+
+        structlog.get_logger("modelsmith.daemon").warning(
+            "serving the socket passed by socket activation, not the configured one",
+            socket=str(served), configured=str(configured),
+        )
+    return served
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from modelsmith.daemon.app import Daemon
@@ -36,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_engines:
         config = config.model_copy(update={"start_engines": False})
     configure_logging(config.log_format, config.log_level)
-    socket_path = resolve_socket_path(args.socket or config.socket)
+    socket_path = served_socket_path(resolve_socket_path(args.socket or config.socket))
     daemon = Daemon(home=home, socket_path=socket_path, config=config)
     try:
         anyio.run(daemon.run)
