@@ -14,7 +14,6 @@ trigger; files dropped while the daemon was down are taken at start.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,9 @@ import watchfiles
 
 from modelsmith.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from modelsmith.errors import ModelsmithError, ValidationError
+from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.records.events import ScenariosIngested
 from modelsmith.loop.scoring.scenarios import (
     SCENARIO_SUFFIXES,
     ScenarioCatalog,
@@ -77,9 +78,9 @@ def ingest(runtime: ClusterRuntime, path: Path) -> DropOutcome:
     """Validate one complete drop and apply it, or reject it (blocking; run in a thread)."""
     root = runtime.cluster.root
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_hex(data)
     ledger = runtime.require_ledger()
-    if any(e.data.get("sha256") == digest for e in ledger.find("scenarios.ingested")):
+    if any(r.event.sha256 == digest for r in ledger.find(ScenariosIngested)):
         path.unlink()
         log.info("duplicate drop ignored", cluster=runtime.cluster.name, file=path.name)
         return DropOutcome(path.name, accepted=False, duplicate=True, detail="identical content already ingested")
@@ -103,8 +104,8 @@ def ingest(runtime: ClusterRuntime, path: Path) -> DropOutcome:
         return DropOutcome(path.name, accepted=False, duplicate=False, detail=exc.message)
     target = runtime.cluster.scenarios_dir / set_name / f"inbox-{digest[:12]}-{path.name}"
     atomic_write_bytes(target, data)
-    ledger.append("scenarios.ingested", {"file": target.name, "sha256": digest, "set": set_name,
-                                         "count": len(scenarios), "ids": sorted(s.id for s in scenarios)})
+    runtime.record(ScenariosIngested(file=target.name, sha256=digest, set=set_name,
+                                     count=len(scenarios), ids=sorted(s.id for s in scenarios)))
     runtime.reload_scenarios()
     path.unlink()
     fsync_dir(path.parent)

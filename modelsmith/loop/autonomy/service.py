@@ -12,13 +12,15 @@ import msgspec
 from modelsmith.loop.autonomy.supervisor import ClusterSupervisor, LoopDeps
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.cluster.recovery import InterruptedJob
+from modelsmith.loop.eval.diagnose import diagnose_eval
 from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.registry import Job, JobRegistry
+from modelsmith.loop.records.events import EvalStarted, TrainStarted
 from modelsmith.loop.train.service import TrainService
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
 from modelsmith.rpc.schema.loop import LoopControlParams, LoopStatus, LoopStatuses, LoopStatusParams
-from modelsmith.rpc.schema.train import TrainStartParams
+from modelsmith.rpc.schema.train import Diagnosis, TrainStartParams
 from modelsmith.rpc.server import CallContext
 
 
@@ -44,10 +46,12 @@ class LoopService:
         return self.evals.start(params, plan=plan)[0]
 
     async def _resume_eval(self, runtime: ClusterRuntime, item: InterruptedJob) -> Job:
-        d = item.data
-        params = EvalRunParams(cluster=runtime.cluster.name, tag=d["tag"], type=d.get("type", "full"),
-                               quick=bool(d.get("quick")), domain=d.get("domain"),
-                               adapter=d.get("adapter") or "base")
+        started = item.started
+        assert isinstance(started, EvalStarted)
+        params = EvalRunParams(cluster=runtime.cluster.name, tag=started.tag,
+                               type=started.type,  # type: ignore[arg-type]
+                               quick=started.quick, domain=started.domain,
+                               adapter=started.adapter or "base")
         plan = await anyio.to_thread.run_sync(lambda: self.evals.plan(runtime, params, resume=True))
         return self.evals.start(params, plan=plan, resume_job_id=item.job_id)[0]
 
@@ -60,21 +64,16 @@ class LoopService:
         return self.training.start(params, job_id, prepared)[0]
 
     async def _resume_train(self, runtime: ClusterRuntime, item: InterruptedJob) -> Job:
-        params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=item.data["eval_tag"],
+        started = item.started
+        assert isinstance(started, TrainStarted)
+        params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=started.eval_tag,
                                   follow_up_eval=False)
         prepared = await anyio.to_thread.run_sync(
             lambda: self.training.prepare(params, item.job_id, resume=True))
         return self.training.start(params, item.job_id, prepared)[0]
 
-    async def _diagnose(self, runtime: ClusterRuntime, tag: str) -> dict[str, Any]:
-        from modelsmith.loop.eval.diagnose import diagnose
-        from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, read_results
-
-        def work() -> dict[str, Any]:
-            results = read_results(eval_dir(runtime, tag) / RESULTS_FILE)
-            return msgspec.to_builtins(diagnose(runtime.cluster.name, tag, results))  # type: ignore[no-any-return]
-
-        return await anyio.to_thread.run_sync(work)
+    async def _diagnose(self, runtime: ClusterRuntime, tag: str) -> Diagnosis:
+        return await anyio.to_thread.run_sync(diagnose_eval, runtime, tag)
 
     async def _policy_passes(self, runtime: ClusterRuntime, tag: str) -> tuple[bool, list[str]]:
         report = await self.promotions.policy_check(runtime.cluster.name, tag)

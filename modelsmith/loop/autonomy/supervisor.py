@@ -13,37 +13,33 @@ One supervisor's failure fails its cluster only.
 
 from __future__ import annotations
 
-import enum
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 
+from modelsmith.clock import utc_now
 from modelsmith.errors import ConflictError, GateFailed, ModelsmithError
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.cluster.recovery import InterruptedJob, interrupted_jobs, stop_orphaned_trainer
+from modelsmith.loop.cluster.state import LoopRecord, LoopState
 from modelsmith.loop.jobs.registry import Job, JobState
+from modelsmith.loop.records.events import (
+    EvalFailed,
+    LoopTransition,
+    RunCounters,
+    TrainFailed,
+    failure_of,
+)
+from modelsmith.rpc.schema.train import Diagnosis
 
 log = structlog.get_logger("modelsmith.supervisor")
-
-APPROVAL_POLL_S = 0.5
-
-
-class LoopState(enum.StrEnum):
-    IDLE = "idle"
-    EVALUATING = "evaluating"
-    DIAGNOSING = "diagnosing"
-    TRAINING = "training"
-    AWAITING_APPROVAL = "awaiting_approval"
-    PAUSED = "paused"
-    FAILED = "failed"
-
 
 _RUNNING = {LoopState.EVALUATING, LoopState.DIAGNOSING, LoopState.TRAINING, LoopState.AWAITING_APPROVAL}
 TRANSITIONS: dict[LoopState, frozenset[LoopState]] = {
@@ -62,26 +58,30 @@ class IllegalTransition(ConflictError):
     name = "illegal_transition"
 
 
-@dataclass
-class RunCounters:
-    """What one run of the loop has done; stored in every transition so it survives restarts."""
+def new_run() -> RunCounters:
+    """The counters of a run that starts now."""
+    return RunCounters(day=utc_now().date().isoformat())
 
-    iterations: int = 0
-    best_composite: float | None = None
-    without_improvement: int = 0
-    device_seconds_today: float = 0.0
-    day: str = field(default_factory=lambda: datetime.now(UTC).date().isoformat())
-    last_eval_tag: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"iterations": self.iterations, "best_composite": self.best_composite,
-                "without_improvement": self.without_improvement,
-                "device_seconds_today": round(self.device_seconds_today, 3), "day": self.day,
-                "last_eval_tag": self.last_eval_tag}
+def plan_transition(loop: LoopRecord, to: LoopState, reason: str, *, active: bool,
+                    run: RunCounters, paused_from: LoopState | None) -> LoopTransition | None:
+    """The ledger event that moves ``loop`` to ``to`` (pure), or None when nothing changes.
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunCounters:
-        return cls(**{k: data[k] for k in cls().as_dict() if k in data})
+    Raises IllegalTransition for a move the state machine does not allow. While paused, a step
+    that finishes (any move to a running state other than by ``loop.resume``) is remembered as
+    where the loop goes next, and the loop stays paused.
+    """
+    frm = loop.state
+    if to == frm and active == loop.active and paused_from == loop.paused_from:
+        return None
+    if to != frm and to not in TRANSITIONS[frm]:
+        raise IllegalTransition(f"{frm} -> {to} is not a legal transition",
+                                data={"from": frm.value, "to": to.value})
+    if frm == LoopState.PAUSED and to in _RUNNING and reason != "loop.resume":
+        return LoopTransition(from_="paused", to="paused", reason=f"next: {reason}", active=active,
+                              paused_from=to.value, run=run)
+    return LoopTransition(from_=frm.value, to=to.value, reason=reason, active=active,
+                          paused_from=paused_from.value if paused_from else None, run=run)
 
 
 @dataclass
@@ -92,74 +92,72 @@ class LoopDeps:
     resume_eval: Callable[[ClusterRuntime, InterruptedJob], Awaitable[Job]]
     start_train: Callable[[ClusterRuntime, str], Awaitable[Job]]
     resume_train: Callable[[ClusterRuntime, InterruptedJob], Awaitable[Job]]
-    diagnose: Callable[[ClusterRuntime, str], Awaitable[dict[str, Any]]]
+    diagnose: Callable[[ClusterRuntime, str], Awaitable[Diagnosis]]
     policy_passes: Callable[[ClusterRuntime, str], Awaitable[tuple[bool, list[str]]]]
     request_promotion: Callable[[ClusterRuntime, str], Awaitable[str]]
     cancel_job: Callable[[str], None]
 
 
 class ClusterSupervisor:
+    """Runs one cluster's loop. Its state, activity, reason and counters are the ledger's
+    (``runtime.state.loop``); it keeps only what a restart need not know (the running job's id,
+    the counters of the step in progress, its wake-up events)."""
+
     def __init__(self, runtime: ClusterRuntime, deps: LoopDeps) -> None:
         self.runtime = runtime
         self.deps = deps
-        self.state = LoopState.IDLE
-        self.paused_from: LoopState | None = None
-        self.active = False
-        self.reason = ""
-        self.counters = RunCounters()
         self.current_job: str | None = None
+        self._run = new_run()  # this step's counters; recorded with the next transition
         self._wake = anyio.Event()
         self._unpaused = anyio.Event()
         self._unpaused.set()
         self._stop_scope: anyio.CancelScope | None = None
 
-    # -- state -------------------------------------------------------------------------
-    def _transition(self, to: LoopState, reason: str) -> None:
-        if to == self.state:
-            return
-        if to not in TRANSITIONS[self.state]:
-            raise IllegalTransition(f"{self.runtime.cluster.name}: {self.state} -> {to} is not a legal transition",
-                                    data={"from": self.state.value, "to": to.value})
-        ledger = self.runtime.require_ledger()
-        if self.state == LoopState.PAUSED and to in _RUNNING and reason != "loop.resume":
-            # The step that was running when the pause came has finished: remember where the
-            # loop goes next, and stay paused.
-            self.paused_from = to
-            ledger.append("loop.transition", {"from": "paused", "to": "paused", "reason": f"next: {reason}",
-                                              "active": self.active, "paused_from": to.value,
-                                              "run": self.counters.as_dict()})
-            return
-        ledger.append("loop.transition", {"from": self.state.value, "to": to.value, "reason": reason,
-                                          "active": self.active, "paused_from": self.paused_from.value
-                                          if self.paused_from else None, "run": self.counters.as_dict()})
-        log.info("loop transition", cluster=self.runtime.cluster.name, frm=self.state.value, to=to.value, reason=reason)
-        self.state = to
-        self.reason = reason
-        if to in _RUNNING or to in (LoopState.PAUSED, LoopState.FAILED):
-            self.runtime.phase = to.value
-        else:
-            self.runtime.phase = "idle"
+    # -- state (derived from the ledger) ---------------------------------------------------
+    @property
+    def _loop(self) -> LoopRecord:
+        return self.runtime.state.loop
 
-    async def transition(self, to: LoopState, reason: str) -> None:
-        await anyio.to_thread.run_sync(self._transition, to, reason)
+    @property
+    def state(self) -> LoopState:
+        return self._loop.state
+
+    @property
+    def active(self) -> bool:
+        return self._loop.active
+
+    @property
+    def paused_from(self) -> LoopState | None:
+        return self._loop.paused_from
+
+    def _transition(self, to: LoopState, reason: str, *, active: bool | None = None,
+                    paused_from: LoopState | Literal["keep"] | None = "keep") -> None:
+        loop = self._loop
+        event = plan_transition(
+            loop, to, reason, active=loop.active if active is None else active, run=self._run,
+            paused_from=loop.paused_from if paused_from == "keep" else paused_from)
+        if event is None:
+            return
+        try:
+            self.runtime.record(event)
+        except IllegalTransition:
+            raise
+        log.info("loop transition", cluster=self.runtime.cluster.name, frm=event.from_, to=event.to,
+                 reason=event.reason)
+
+    async def transition(self, to: LoopState, reason: str, *, active: bool | None = None,
+                         paused_from: LoopState | Literal["keep"] | None = "keep") -> None:
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: self._transition(to, reason, active=active, paused_from=paused_from))
+        except IllegalTransition as exc:
+            raise IllegalTransition(f"{self.runtime.cluster.name}: {exc.message}", data=exc.data) from None
 
     def restore(self) -> None:
-        """Put the supervisor back in its recorded state (from the last loop.transition)."""
-        ledger = self.runtime.ledger
-        if ledger is None:
-            return
-        last = ledger.last_of("loop.transition")
-        if last is None:
-            return
-        self.state = LoopState(last.data["to"])
-        self.active = bool(last.data.get("active"))
-        self.reason = str(last.data.get("reason", ""))
-        self.counters = RunCounters.from_dict(last.data.get("run", {}))
-        paused_from = last.data.get("paused_from")
-        self.paused_from = LoopState(paused_from) if paused_from else None
+        """Take the counters of the recorded run (the state itself is the ledger's)."""
+        self._run = self._loop.run if self._loop.run.day else new_run()
         if self.state == LoopState.PAUSED:
             self._unpaused = anyio.Event()
-        self.runtime.phase = self.state.value if self.state != LoopState.IDLE else self.runtime.phase
 
     # -- commands (from RPC) -------------------------------------------------------------
     async def start(self, reason: str = "loop.start") -> None:
@@ -171,9 +169,8 @@ class ClusterSupervisor:
         if self.runtime.pending_promotion:
             raise ConflictError(f"{self.runtime.cluster.name} awaits approval of {self.runtime.pending_promotion}",
                                 data={"request_id": self.runtime.pending_promotion})
-        self.active = True
-        self.counters = RunCounters()
-        await self.transition(LoopState.EVALUATING, reason)
+        self._run = new_run()
+        await self.transition(LoopState.EVALUATING, reason, active=True)
         self._wake.set()
 
     async def trigger(self, reason: str) -> bool:
@@ -182,43 +179,37 @@ class ClusterSupervisor:
             return False
         if self.state == LoopState.FAILED:
             await self.transition(LoopState.IDLE, "recovered by a new trigger")
-        self.active = True
-        self.counters = RunCounters()
-        await self.transition(LoopState.EVALUATING, reason)
+        self._run = new_run()
+        await self.transition(LoopState.EVALUATING, reason, active=True)
         self._wake.set()
         return True
 
     async def pause(self) -> None:
         if self.state == LoopState.PAUSED:
             raise ConflictError(f"{self.runtime.cluster.name} is already paused", data={"state": self.state.value})
-        self.paused_from = self.state
         self._unpaused = anyio.Event()
-        await self.transition(LoopState.PAUSED, "loop.pause")
+        await self.transition(LoopState.PAUSED, "loop.pause", paused_from=self.state)
 
     async def resume(self) -> None:
         if self.state != LoopState.PAUSED:
             raise ConflictError(f"{self.runtime.cluster.name} is not paused", data={"state": self.state.value})
         target = self.paused_from or LoopState.IDLE
-        self.paused_from = None
-        await self.transition(target, "loop.resume")
+        await self.transition(target, "loop.resume", paused_from=None)
         self._unpaused.set()
         self._wake.set()
 
     async def stop(self) -> None:
-        self.active = False
         if self.current_job:
             self.deps.cancel_job(self.current_job)
         if self._stop_scope is not None:
             self._stop_scope.cancel()
-        self.paused_from = None
         self._unpaused.set()
-        if self.state != LoopState.IDLE:
-            await self.transition(LoopState.IDLE, "loop.stop")
+        await self.transition(LoopState.IDLE, "loop.stop", active=False, paused_from=None)
 
     # -- the service -----------------------------------------------------------------------
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await anyio.to_thread.run_sync(self.restore)
-        interrupted = await anyio.to_thread.run_sync(interrupted_jobs, self.runtime.require_ledger())
+        self.restore()
+        interrupted = interrupted_jobs(self.runtime.state)
         task_status.started()
         resumed = await self._resume_interrupted(interrupted)
         if self.active and self.state in _RUNNING:
@@ -236,12 +227,11 @@ class ClusterSupervisor:
                     await self._drive(resumed)
                 except ModelsmithError as exc:
                     log.error("loop failed", cluster=self.runtime.cluster.name, error=exc.message)
-                    self.active = False
-                    await self.transition(LoopState.FAILED, f"{exc.name}: {exc.message}")
+                    await self.transition(LoopState.FAILED, f"{exc.name}: {exc.message}", active=False)
                 except Exception as exc:
                     log.exception("loop crashed", cluster=self.runtime.cluster.name)
-                    self.active = False
-                    await self.transition(LoopState.FAILED, f"internal error: {type(exc).__name__}")
+                    await self.transition(LoopState.FAILED, f"internal error: {type(exc).__name__}",
+                                          active=False)
             self._stop_scope = None
             resumed = {}
 
@@ -261,9 +251,11 @@ class ClusterSupervisor:
             except ModelsmithError as exc:
                 log.error("could not resume a job", cluster=self.runtime.cluster.name, job_id=item.job_id,
                           error=exc.message)
-                kind = "eval.failed" if item.kind == "eval" else "train.failed"
-                entry = {"job_id": item.job_id, "error": f"not resumable after restart: {exc.message}"}
-                await anyio.to_thread.run_sync(self.runtime.require_ledger().append, kind, entry)
+                error = failure_of(type(exc)(f"not resumable after restart: {exc.message}", data=exc.data))
+                event: EvalFailed | TrainFailed = (
+                    EvalFailed(job_id=item.job_id, error=error, tag=getattr(item.started, "tag", None))
+                    if item.kind == "eval" else TrainFailed(job_id=item.job_id, error=error))
+                await anyio.to_thread.run_sync(self.runtime.record, event)
         return jobs
 
     async def _wait(self, job: Job) -> Job:
@@ -273,7 +265,9 @@ class ClusterSupervisor:
             await job.wait_finished()
         finally:
             self.current_job = None
-            self.counters.device_seconds_today += time.monotonic() - started
+            self._run = msgspec.structs.replace(
+                self._run, device_seconds_today=round(
+                    self._run.device_seconds_today + time.monotonic() - started, 3))
         if job.state != JobState.SUCCEEDED:
             message = (job.error or {}).get("message", job.state.value)
             raise ModelsmithError(f"{job.kind} job {job.job_id} {job.state.value}: {message}",
@@ -284,10 +278,10 @@ class ClusterSupervisor:
         """Between steps: honour pause, stop and the day's budget."""
         await self._unpaused.wait()
         policy = self.runtime.cluster.config.policy
-        today = datetime.now(UTC).date().isoformat()
-        if self.counters.day != today:
-            self.counters.day, self.counters.device_seconds_today = today, 0.0
-        if policy.device_seconds_per_day and self.counters.device_seconds_today >= policy.device_seconds_per_day:
+        today = utc_now().date().isoformat()
+        if self._run.day != today:
+            self._run = msgspec.structs.replace(self._run, day=today, device_seconds_today=0.0)
+        if policy.device_seconds_per_day and self._run.device_seconds_today >= policy.device_seconds_per_day:
             raise _Done("device budget for today is spent")
 
     async def _drive(self, resumed: dict[str, Job]) -> None:
@@ -301,43 +295,39 @@ class ClusterSupervisor:
                     tag = str((job.result or {}).get("tag"))
                     await self._after_eval(tag)
                 elif self.state == LoopState.DIAGNOSING:
-                    diag_tag = self.counters.last_eval_tag or self.runtime.last_eval_tag
+                    diag_tag = self._run.last_eval_tag or self.runtime.last_eval_tag
                     assert diag_tag is not None
                     diagnosis = await self.deps.diagnose(self.runtime, diag_tag)
-                    top = [p["pattern"] for p in diagnosis.get("patterns", [])[:3]]
-                    await self.transition(LoopState.TRAINING, f"{diagnosis.get('failed', 0)} failures; top: {', '.join(top)}")
+                    top = [p.pattern for p in diagnosis.patterns[:3]]
+                    await self.transition(LoopState.TRAINING, f"{diagnosis.failed} failures; top: {', '.join(top)}")
                 elif self.state == LoopState.TRAINING:
                     started = time.monotonic()
-                    train_tag = self.counters.last_eval_tag or self.runtime.last_eval_tag
+                    train_tag = self._run.last_eval_tag or self.runtime.last_eval_tag
                     assert train_tag is not None
                     job = resumed.pop("train") if "train" in resumed else await self.deps.start_train(self.runtime, train_tag)
                     await self._wait(job)
-                    self.counters.iterations += 1
+                    self._run = msgspec.structs.replace(self._run, iterations=self._run.iterations + 1)
                     spent = time.monotonic() - started
                     if policy.device_seconds_per_iteration and spent > policy.device_seconds_per_iteration:
                         raise _Done(f"iteration used {spent:.0f} s of device time, over the budget")
                     await self.transition(LoopState.EVALUATING, f"iteration {self.runtime.iteration} trained")
                 elif self.state == LoopState.AWAITING_APPROVAL:
-                    # The decision is applied by the promotion service in a worker thread; a short
-                    # poll of the runtime avoids a cross-thread event for a wait of hours.
-                    while self.runtime.pending_promotion:  # noqa: ASYNC110
-                        await anyio.sleep(APPROVAL_POLL_S)
+                    # Woken by the ledger append that records the decision (whatever thread it).
+                    await self.runtime.wait_state(lambda state: state.pending_promotion is None)
                     if self.runtime.candidate is None:  # approved: the candidate became champion
-                        self.active = False
-                        await self.transition(LoopState.IDLE, "promotion approved")
+                        await self.transition(LoopState.IDLE, "promotion approved", active=False)
                     else:
                         await self.transition(LoopState.DIAGNOSING, "promotion rejected; back to the loop")
                 else:
                     return
         except _Done as done:
-            self.active = False
-            await self.transition(LoopState.IDLE, done.reason)
+            await self.transition(LoopState.IDLE, done.reason, active=False)
 
     async def _after_eval(self, tag: str) -> None:
         policy = self.runtime.cluster.config.policy
-        self.counters.last_eval_tag = tag
-        summary = self.runtime.last_summary or {}
-        composite = summary.get("composite")
+        self._run = msgspec.structs.replace(self._run, last_eval_tag=tag)
+        summary = self.runtime.last_summary
+        composite = summary.composite if summary is not None else None
         if self.runtime.candidate is not None:
             passed, reasons = await self.deps.policy_passes(self.runtime, tag)
         else:
@@ -349,23 +339,25 @@ class ClusterSupervisor:
                 raise _Done(f"gate passed but the request was refused: {exc.message}") from exc
             await self.transition(LoopState.AWAITING_APPROVAL, f"gate passed; promotion {request_id} requested")
             return
+        run = self._run
         if composite is not None:
-            best = self.counters.best_composite
+            best = run.best_composite
             if best is None or composite > best + 1e-9:
-                self.counters.best_composite = composite
-                self.counters.without_improvement = 0
+                run = msgspec.structs.replace(run, best_composite=composite, without_improvement=0)
             else:
-                self.counters.without_improvement += 1
-        if self.counters.iterations >= policy.max_iterations:
-            raise _Done(f"stopped after {self.counters.iterations} iteration(s) (max_iterations)")
-        if self.counters.without_improvement >= policy.patience_iterations:
-            raise _Done(f"no improvement in {self.counters.without_improvement} iteration(s)")
+                run = msgspec.structs.replace(run, without_improvement=run.without_improvement + 1)
+            self._run = run
+        if run.iterations >= policy.max_iterations:
+            raise _Done(f"stopped after {run.iterations} iteration(s) (max_iterations)")
+        if run.without_improvement >= policy.patience_iterations:
+            raise _Done(f"no improvement in {run.without_improvement} iteration(s)")
         await self.transition(LoopState.DIAGNOSING, f"eval {tag}: gate not passed ({'; '.join(reasons[:3])})")
 
     def status(self) -> dict[str, Any]:
-        return {"cluster": self.runtime.cluster.name, "state": self.state.value, "active": self.active,
-                "reason": self.reason, "paused_from": self.paused_from.value if self.paused_from else None,
-                "current_job": self.current_job, "run": self.counters.as_dict(), "pid": os.getpid()}
+        loop = self._loop
+        return {"cluster": self.runtime.cluster.name, "state": loop.state.value, "active": loop.active,
+                "reason": loop.reason, "paused_from": loop.paused_from.value if loop.paused_from else None,
+                "current_job": self.current_job, "run": msgspec.to_builtins(loop.run), "pid": os.getpid()}
 
 
 class _Done(Exception):

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
+import anyio
+import anyio.from_thread
+import msgspec
+from anyio.lowlevel import EventLoopToken, current_token
+
+from modelsmith.clock import utc_now
 from modelsmith.errors import ModelsmithError, NotFound, Unavailable
 from modelsmith.loop.cluster.config import Cluster, ClusterProblem, discover_clusters
-from modelsmith.loop.records.ledger import Ledger
+from modelsmith.loop.cluster.state import ClusterState, LoopState, apply
+from modelsmith.loop.records.events import LedgerEvent, ScenariosChanged
+from modelsmith.loop.records.ledger import Ledger, Recorded
 from modelsmith.loop.scoring.scenarios import ScenarioCatalog, load_catalog
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.daemon import (
@@ -19,27 +28,76 @@ from modelsmith.rpc.schema.daemon import (
     FleetParams,
     FleetStatus,
 )
+from modelsmith.rpc.schema.evals import EvalSummary
 from modelsmith.rpc.server import CallContext
+
+E = TypeVar("E", bound=LedgerEvent)  # type: ignore[misc]
 
 
 @dataclass(eq=False)
 class ClusterRuntime:
-    """What the daemon knows about one cluster right now (rebuilt from its ledger at start)."""
+    """One cluster in the daemon: its ledger, the state reduced from it, its scenario catalog.
+
+    Phase, iteration, champion, candidate, last eval and pending promotion are read-only views of
+    :attr:`state`, which only the ledger changes (see :mod:`modelsmith.loop.cluster.state`).
+    Writers call :meth:`record`; waiters call :meth:`wait_state`.
+    """
 
     cluster: Cluster
-    phase: str = "idle"
-    iteration: int = 0
     scenario_count: int = 0
     scenario_versions: dict[str, str] = field(default_factory=dict)
-    last_eval_tag: str | None = None
-    last_summary: dict[str, Any] | None = None
-    champion: str | None = None
-    pending_promotion: str | None = None
-    candidate: str | None = None
     status_error: str | None = None
     ledger: Ledger | None = None
     catalog: ScenarioCatalog | None = None
+    state: ClusterState = field(default_factory=ClusterState)
+    _waiters: list[tuple[anyio.Event, EventLoopToken, int]] = field(default_factory=list)
+    _waiters_lock: threading.Lock = field(default_factory=threading.Lock)
+    _summary_cache: tuple[str, EvalSummary | None] | None = None
 
+    # -- derived (read-only) -----------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        if self.ledger is None and self.status_error is not None:
+            return LoopState.FAILED.value
+        return self.state.phase.value
+
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration
+
+    @property
+    def champion(self) -> str | None:
+        return self.state.champion
+
+    @property
+    def candidate(self) -> str | None:
+        return self.state.candidate
+
+    @property
+    def pending_promotion(self) -> str | None:
+        return self.state.pending_promotion
+
+    @property
+    def last_eval_tag(self) -> str | None:
+        return self.state.last_eval_tag
+
+    @property
+    def last_summary(self) -> EvalSummary | None:
+        """The summary file of the last finished eval (read once per tag)."""
+        tag = self.state.last_eval_tag
+        if tag is None:
+            return None
+        cached = self._summary_cache
+        if cached is None or cached[0] != tag or cached[1] is None:
+            path = self.cluster.evals_dir() / tag / "summary.json"
+            try:
+                summary: EvalSummary | None = msgspec.json.decode(path.read_bytes(), type=EvalSummary)
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                summary = None
+            self._summary_cache = cached = (tag, summary)
+        return cached[1]
+
+    # -- the ledger ----------------------------------------------------------------------------
     def require_ledger(self) -> Ledger:
         if self.ledger is None:
             raise Unavailable(
@@ -47,6 +105,36 @@ class ClusterRuntime:
                 data={"cluster": self.cluster.name},
             )
         return self.ledger
+
+    def record(self, event: E) -> Recorded[E]:
+        """Append ``event`` durably (blocking: call it from a worker thread); the state follows."""
+        recorded = self.require_ledger().append(event)
+        self._notify()
+        return recorded
+
+    def _apply(self, recorded: Recorded[LedgerEvent]) -> None:
+        self.state = apply(self.state, recorded)
+
+    def _notify(self) -> None:
+        with self._waiters_lock:
+            waiters, self._waiters = self._waiters, []
+        here = threading.get_ident()
+        for event, token, loop_thread in waiters:
+            if here == loop_thread:
+                event.set()
+            else:
+                anyio.from_thread.run_sync(event.set, token=token)
+
+    async def wait_state(self, predicate: Callable[[ClusterState], bool]) -> ClusterState:
+        """Wait until the reduced state satisfies ``predicate`` (woken by each append)."""
+        while not predicate(self.state):
+            event = anyio.Event()
+            with self._waiters_lock:
+                self._waiters.append((event, current_token(), threading.get_ident()))
+            if predicate(self.state):
+                break
+            await event.wait()
+        return self.state
 
     def require_catalog(self) -> ScenarioCatalog:
         if self.catalog is None:
@@ -60,7 +148,7 @@ class ClusterRuntime:
         return self.cluster.root / "adapters" / name
 
     def open(self) -> None:
-        """Open the ledger (verifying it) and the scenario catalog; rebuild state from the ledger.
+        """Open the ledger (verifying it) and the scenario catalog; reduce the state from it.
 
         Blocking: call it from a worker thread. A bad ledger or scenario set leaves the cluster
         unavailable with ``status_error`` saying why; other clusters are not affected.
@@ -68,16 +156,16 @@ class ClusterRuntime:
         try:
             ledger = Ledger.open(self.cluster.ledger_path)
         except ModelsmithError as exc:
-            self.phase = "failed"
             self.status_error = f"ledger does not verify: {exc.message}"
             return
+        self.state = ClusterState()
+        ledger.replay(self._apply)
         self.ledger = ledger
-        restore_from_ledger(self, ledger)
         self.reload_scenarios()
 
     def reload_scenarios(self) -> list[str]:
         """Load the governed sets; a changed set version becomes a ledger event. Returns changed sets."""
-        ledger = self.require_ledger()
+        self.require_ledger()
         try:
             catalog = load_catalog(self.cluster.scenarios_dir)
         except ModelsmithError as exc:
@@ -85,15 +173,12 @@ class ClusterRuntime:
             return []
         self.catalog = catalog
         versions = catalog.versions()
-        recorded = ledger.last_of("scenarios.changed")
-        before = dict(recorded.data.get("versions", {})) if recorded else {}
+        before = dict(self.state.scenario_versions)
         changed = sorted(k for k in set(versions) | set(before) if versions.get(k) != before.get(k))
         if changed:
-            ledger.append(
-                "scenarios.changed",
-                {"versions": versions, "counts": {k: len(v.scenarios) for k, v in catalog.sets.items()},
-                 "changed": changed},
-            )
+            self.record(ScenariosChanged(
+                versions=versions, counts={k: len(v.scenarios) for k, v in catalog.sets.items()},
+                changed=changed))
         self.scenario_versions = versions
         self.scenario_count = sum(len(v.scenarios) for v in catalog.sets.values())
         if self.status_error and self.status_error.startswith("scenario sets"):
@@ -102,9 +187,13 @@ class ClusterRuntime:
 
     def status(self) -> ClusterStatus:
         cfg = self.cluster.config
-        summary = self.last_summary or {}
-        gates = summary.get("gates", {})
-        passed = summary.get("passed")
+        summary = self.last_summary
+        composite = held_out = None
+        if summary is not None:
+            gate = summary.gates.get("composite")
+            composite = gate.value if gate else None
+            held = summary.gates.get("held_out")
+            held_out = held.value if held else None
         return ClusterStatus(
             cluster=self.cluster.name,
             model=self.cluster.model_name,
@@ -113,49 +202,18 @@ class ClusterRuntime:
             phase=self.phase,
             scenarios=self.scenario_count,
             scenario_sets=dict(self.scenario_versions),
-            composite=gates.get("composite", {}).get("value"),
+            composite=composite,
             composite_threshold=cfg.thresholds.composite,
-            held_out=gates.get("held_out", {}).get("value"),
+            held_out=held_out,
             held_out_threshold=cfg.thresholds.held_out,
-            passed=passed,
+            passed=summary.passed if summary else None,
             last_eval_tag=self.last_eval_tag,
-            regressions=summary.get("regressions", {}).get("count"),
-            regressions_total=summary.get("regressions", {}).get("compared"),
+            regressions=summary.regressions.count if summary else None,
+            regressions_total=summary.regressions.compared if summary else None,
             champion=self.champion,
             pending_promotion=self.pending_promotion,
             status_error=self.status_error,
         )
-
-
-def restore_from_ledger(runtime: ClusterRuntime, ledger: Ledger) -> None:
-    """Rebuild iteration, champion, candidate, last eval and pending promotion from the ledger."""
-    import msgspec
-
-    for entry in ledger.entries():
-        data = entry.data
-        if entry.kind == "iteration.advanced":
-            runtime.iteration = int(data["iteration"])
-            runtime.candidate = str(data["adapter"])
-        elif entry.kind == "eval.finished":
-            runtime.last_eval_tag = str(data["tag"])
-        elif entry.kind == "promotion.requested":
-            runtime.pending_promotion = str(data["request_id"])
-        elif entry.kind in ("promotion.approved", "promotion.rejected"):
-            runtime.pending_promotion = None
-            if entry.kind == "promotion.approved":
-                runtime.champion = str(data["adapter"])
-                if runtime.candidate == runtime.champion:
-                    runtime.candidate = None
-        elif entry.kind == "rollback.done":
-            runtime.champion = data.get("adapter")
-    if runtime.pending_promotion:
-        runtime.phase = "awaiting_approval"
-    if runtime.last_eval_tag:
-        path = runtime.cluster.evals_dir() / runtime.last_eval_tag / "summary.json"
-        try:
-            runtime.last_summary = msgspec.json.decode(path.read_bytes())
-        except (OSError, msgspec.DecodeError):
-            runtime.last_summary = None
 
 
 class Fleet:
@@ -186,7 +244,7 @@ class Fleet:
     def fleet_status(self, cluster: str | None = None) -> FleetStatus:
         runtimes = [self.get(cluster)] if cluster else list(self.runtimes.values())
         return FleetStatus(
-            generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            generated_at=utc_now().isoformat(timespec="seconds"),
             clusters=[r.status() for r in runtimes],
             errors=self.load_errors() if cluster is None else [],
         )

@@ -1,7 +1,8 @@
 """After a crash: which jobs the ledger says were running, and what is left of them on disk.
 
 An eval or training job is *interrupted* when its ``*.started`` entry has no matching end
-(``eval.finished``/``eval.failed``, ``iteration.advanced``/``train.failed``). The daemon resumes
+(``eval.finished``/``eval.failed``, ``iteration.advanced``/``train.failed``): the reduced
+:class:`~modelsmith.loop.cluster.state.ClusterState` still lists it as running. The daemon resumes
 each one under the same job id: an eval keeps the results already on disk, a training job
 continues from its last checkpoint. A trainer child that outlived the daemon is stopped first
 (SIGTERM, so it checkpoints; SIGKILL after a bound) so two trainers never write one work dir.
@@ -14,11 +15,12 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import structlog
 
-from modelsmith.loop.records.ledger import Ledger
+from modelsmith.loop.cluster.state import ClusterState
+from modelsmith.loop.records.events import EvalStarted, TrainStarted
 
 log = structlog.get_logger("modelsmith.recovery")
 
@@ -27,24 +29,19 @@ TRAINER_MODULE = "modelsmith.gpu.trainer"
 
 @dataclass(frozen=True, slots=True)
 class InterruptedJob:
-    kind: str  # "eval" | "train"
+    """A job whose start the ledger recorded and whose end it did not."""
+
+    kind: Literal["eval", "train"]
     job_id: str
-    data: dict[str, Any]
+    started: EvalStarted | TrainStarted
 
 
-def interrupted_jobs(ledger: Ledger) -> list[InterruptedJob]:
-    open_jobs: dict[str, InterruptedJob] = {}
-    for entry in ledger.entries():
-        data = entry.data
-        if entry.kind == "eval.started":
-            open_jobs[data["job_id"]] = InterruptedJob("eval", data["job_id"], data)
-        elif entry.kind == "train.started":
-            open_jobs[data["job_id"]] = InterruptedJob("train", data["job_id"], data)
-        elif entry.kind in ("eval.finished", "eval.failed", "train.failed"):
-            open_jobs.pop(data.get("job_id", ""), None)
-        elif entry.kind == "iteration.advanced":
-            open_jobs.pop(data.get("train_job", ""), None)
-    return list(open_jobs.values())
+def interrupted_jobs(state: ClusterState) -> list[InterruptedJob]:
+    """The jobs the reduced state still counts as running (at start: interrupted by a crash)."""
+    jobs = [InterruptedJob("eval", job_id, started) for job_id, started in state.running_evals.items()]
+    jobs += [InterruptedJob("train", job_id, started)
+             for job_id, started in state.running_trains.items()]
+    return jobs
 
 
 def _is_our_trainer(pid: int, work_dir: Path) -> bool:

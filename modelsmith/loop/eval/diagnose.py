@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from modelsmith.errors import NotFound
+from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.rpc.schema.evals import ScenarioResult
 from modelsmith.rpc.schema.train import Diagnosis, FailureExample, FailurePattern
 
@@ -78,3 +80,19 @@ def diagnose(cluster: str, tag: str, results: Sequence[ScenarioResult], *, near_
     return Diagnosis(cluster=cluster, tag=tag, scenarios=len(results), failed=len(failed),
                      near_misses=near, patterns=patterns,
                      by_tag=dict(sorted(by_tag.items(), key=lambda kv: -kv[1])))
+
+
+def near_miss_margin_of(runtime: ClusterRuntime) -> float:
+    """The margin both the manual (``diagnose.run``) and the autonomous path use."""
+    return max(runtime.cluster.config.training.near_miss_margin, 0.05)
+
+
+def diagnose_eval(runtime: ClusterRuntime, tag: str) -> Diagnosis:
+    """Diagnose one stored eval of ``runtime`` (blocking: run it in a worker thread)."""
+    from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, read_results
+
+    path = eval_dir(runtime, tag) / RESULTS_FILE
+    if not path.exists():
+        raise NotFound(f"no eval {tag!r} in cluster {runtime.cluster.name}", data={"tag": tag})
+    return diagnose(runtime.cluster.name, tag, read_results(path),
+                    near_miss_margin=near_miss_margin_of(runtime))

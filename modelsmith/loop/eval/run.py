@@ -11,13 +11,11 @@ is cut) and only the missing scenarios are sent again, so no scenario is counted
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,9 @@ import msgspec
 import structlog
 
 from modelsmith.atomic import atomic_write_bytes, fsync_dir
+from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, ValidationError
+from modelsmith.hashing import sha256_file
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.jobs.registry import Job
 from modelsmith.loop.scoring.rubric import RubricScore, score, score_with_judge
@@ -56,10 +56,6 @@ _encoder = msgspec.json.Encoder()
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def check_tag(tag: str) -> str:
@@ -248,7 +244,7 @@ def summarize(
         passed=all(g.passed for g in gates.values()),
         regressions=regressions,
         started_at=started_at,
-        finished_at=utc_now(),
+        finished_at=utc_stamp(),
         duration_s=round(duration, 3),
         results_sha256=results_sha256,
     )
@@ -282,14 +278,6 @@ def has_judge(s: Scenario) -> bool:
     return any(getattr(c, "type", None) == "llm_judge" for c in s.rubric.criteria)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 async def execute_eval(
     runtime: ClusterRuntime,
     plan: EvalPlan,
@@ -309,7 +297,7 @@ async def execute_eval(
         job.emit("log", {"message": f"resuming: {len(done)} results already on disk"})
     todo = [s for s in plan.scenarios if s.id not in done_ids]
     started = time.monotonic()
-    started_at = utc_now()
+    started_at = utc_stamp()
     total = len(plan.scenarios)
     job.set_progress(len(done), total, f"evaluating {total} scenarios")
     writer = await anyio.to_thread.run_sync(ResultsWriter, results_path)
@@ -352,7 +340,7 @@ async def execute_eval(
     if len({r.scenario_id for r in results}) != len(results):
         raise ConflictError("an eval counted a scenario twice", data={"tag": plan.tag})
     ordered = sorted(results, key=lambda r: r.scenario_id)
-    digest = await anyio.to_thread.run_sync(file_sha256, results_path)
+    digest = await anyio.to_thread.run_sync(sha256_file, results_path)
     summary = summarize(runtime, plan, job.job_id, ordered, baseline, started_at, time.monotonic() - started, digest)
     await anyio.to_thread.run_sync(
         lambda: atomic_write_bytes(directory / SUMMARY_FILE, msgspec.json.format(_encoder.encode(summary), indent=2))

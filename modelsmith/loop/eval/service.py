@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import anyio
-import msgspec
 
-from modelsmith.errors import ConflictError, NotFound
+from modelsmith.errors import ConflictError, NotFound, error_envelope
+from modelsmith.gpu.engine import Engine, Sampling
+from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
@@ -21,6 +21,8 @@ from modelsmith.loop.eval.run import (
     select_scenarios,
 )
 from modelsmith.loop.jobs.registry import Job, JobRegistry
+from modelsmith.loop.records.events import EvalFailed, EvalFinished, failure_of
+from modelsmith.loop.records.events import EvalStarted as EvalStartedEvent
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import (
     EvalCompareParams,
@@ -110,14 +112,7 @@ class EvalService:
 
     def baseline(self, runtime: ClusterRuntime) -> tuple[str, list[Any]] | None:
         """The champion's eval when one was promoted, else the previous eval of the cluster."""
-        ledger = runtime.require_ledger()
-        tag: str | None = None
-        approved = ledger.last_of("promotion.approved")
-        if approved is not None:
-            tag = approved.data.get("eval_tag")
-        if tag is None:
-            last = ledger.last_of("eval.finished")
-            tag = last.data["tag"] if last else None
+        tag = runtime.state.champion_eval_tag or runtime.last_eval_tag
         if tag is None:
             return None
         return tag, read_results(eval_dir(runtime, tag) / RESULTS_FILE)
@@ -128,7 +123,7 @@ class EvalService:
     ) -> tuple[Job, EvalPlan]:
         """Submit the eval job. Must run on the event loop; ``plan`` may be made in a thread."""
         runtime = self.fleet.get(params.cluster)
-        ledger = runtime.require_ledger()
+        runtime.require_ledger()
         engine = self.engines.engine_for(runtime.cluster.name)
         if plan is None:
             plan = self.plan(runtime, params, resume=resume_job_id is not None)
@@ -136,7 +131,7 @@ class EvalService:
 
         async def run(job: Job) -> dict[str, Any]:
             try:
-                return await self._run(job, runtime, ledger, engine, plan, params)
+                return await self._run(job, runtime, engine, plan, params)
             finally:
                 self._planned.discard((runtime.cluster.name, plan.tag))
 
@@ -144,47 +139,36 @@ class EvalService:
         job.log_path = str(log_path).replace("{job}", job.job_id)
         return job, plan
 
-    async def _run(self, job: Job, runtime: ClusterRuntime, ledger: Any, engine: Any, plan: EvalPlan,
+    async def _run(self, job: Job, runtime: ClusterRuntime, engine: Engine, plan: EvalPlan,
                    params: EvalRunParams) -> dict[str, Any]:
         """The eval job: ledger start, generate + score + write, summary, ledger end."""
         job.message = f"eval {plan.tag}"
         baseline = await anyio.to_thread.run_sync(self.baseline, runtime)
-        await anyio.to_thread.run_sync(lambda: ledger.append("eval.started", {
-            "tag": plan.tag, "job_id": job.job_id, "type": plan.type, "quick": plan.quick,
-            "scenarios": len(plan.scenarios), "scenario_sets": plan.scenario_sets,
-            "adapter": plan.adapter, "adapter_hash": plan.adapter_hash,
-            "domain": params.domain, "log": job.log_path,
-        }))
-        previous_phase = runtime.phase
-        runtime.phase = "evaluating"
+        await anyio.to_thread.run_sync(runtime.record, EvalStartedEvent(
+            tag=plan.tag, job_id=job.job_id, type=plan.type, quick=plan.quick,
+            scenarios=len(plan.scenarios), scenario_sets=dict(plan.scenario_sets),
+            adapter=plan.adapter, adapter_hash=plan.adapter_hash, domain=params.domain,
+            log=job.log_path))
         try:
             await engine.wait_ready(timeout=600)
             adapter_name = None
             if plan.adapter is not None and plan.adapter_path is not None:
                 adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
             cfg = runtime.cluster.config.sampling
-            from modelsmith.gpu.engine import Sampling
-
             sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
             summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
                                          adapter_name=adapter_name)
+            summary_bytes = await anyio.Path(eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                reason = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
-                await anyio.to_thread.run_sync(lambda: ledger.append(
-                    "eval.failed", {"tag": plan.tag, "job_id": job.job_id, "error": reason}))
-                runtime.phase = previous_phase
+                failed = EvalFailed(job_id=job.job_id, error=failure_of(exc), tag=plan.tag)
+                await anyio.to_thread.run_sync(runtime.record, failed)
             raise
-        summary_bytes = await anyio.Path(eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
-        await anyio.to_thread.run_sync(lambda: ledger.append("eval.finished", {
-            "tag": plan.tag, "job_id": job.job_id, "composite": summary.composite,
-            "held_out": summary.held_out, "passed": summary.passed,
-            "summary_sha256": hashlib.sha256(summary_bytes).hexdigest(),
-            "results_sha256": summary.results_sha256, "adapter": plan.adapter,
-        }))
-        runtime.last_eval_tag = plan.tag
-        runtime.last_summary = msgspec.to_builtins(summary)
-        runtime.phase = previous_phase
+        await anyio.to_thread.run_sync(runtime.record, EvalFinished(
+            tag=plan.tag, job_id=job.job_id, composite=summary.composite,
+            held_out=summary.held_out, passed=summary.passed,
+            summary_sha256=sha256_hex(summary_bytes), results_sha256=summary.results_sha256,
+            adapter=plan.adapter))
         return {"tag": plan.tag, "composite": summary.composite, "held_out": summary.held_out,
                 "passed": summary.passed}
 
@@ -224,10 +208,10 @@ class EvalService:
             runtime = self.fleet.get(params.cluster)
             ledger = runtime.require_ledger()
             entries = [
-                EvalListEntry(tag=e.data["tag"], composite=e.data.get("composite"),
-                              held_out=e.data.get("held_out"), passed=e.data.get("passed"),
-                              finished_at=e.ts, adapter=e.data.get("adapter"))
-                for e in ledger.find("eval.finished")
+                EvalListEntry(tag=r.event.tag, composite=r.event.composite,
+                              held_out=r.event.held_out, passed=r.event.passed,
+                              finished_at=r.ts, adapter=r.event.adapter)
+                for r in ledger.find(EvalFinished)
             ]
             return EvalList(cluster=params.cluster, evals=entries)
 
@@ -250,7 +234,7 @@ class EvalService:
         from modelsmith.errors import ModelsmithError
 
         runtime = self.fleet.get(cluster)
-        ledger = runtime.require_ledger()
+        runtime.require_ledger()
         changed: list[str] = []
         error = None
         if reload:
@@ -259,12 +243,11 @@ class EvalService:
 
                 load_catalog(runtime.cluster.scenarios_dir)
             except ModelsmithError as exc:
-                error = {"code": exc.code, "message": exc.message, "data": exc.data}
+                error = error_envelope(exc)
             else:
                 changed = runtime.reload_scenarios()
         catalog = runtime.require_catalog()
-        recorded = ledger.last_of("scenarios.changed")
-        recorded_versions = dict(recorded.data.get("versions", {})) if recorded else {}
+        recorded_versions = dict(runtime.state.scenario_versions)
         sets = [
             ScenarioSetInfo(name=name, version=s.version, count=len(s.scenarios),
                             files=[str(f) for f in s.files], recorded_version=recorded_versions.get(name))

@@ -14,13 +14,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
 
+from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, ModelsmithError, NotFound, Unavailable
 from modelsmith.rpc.errors import error_to_wire
 from modelsmith.rpc.schema.jobs import JobEvent, JobSummary
@@ -42,10 +42,6 @@ class JobState(enum.StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
-def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def new_job_id() -> str:
     return secrets.token_hex(4)
 
@@ -59,7 +55,7 @@ class Job:
     cluster: str
     log_path: str | None = None
     state: JobState = JobState.QUEUED
-    created_at: str = field(default_factory=utc_now_iso)
+    created_at: str = field(default_factory=utc_stamp)
     started_at: str | None = None
     finished_at: str | None = None
     progress_done: int = 0
@@ -177,7 +173,7 @@ class JobRegistry:
         with anyio.CancelScope() as scope:
             job._scope = scope
             job.state = JobState.RUNNING
-            job.started_at = utc_now_iso()
+            job.started_at = utc_stamp()
             job.emit("state", {"state": job.state.value})
             try:
                 result = await fn(job)
@@ -207,7 +203,7 @@ class JobRegistry:
         if job.state.finished:
             return
         job.state = state
-        job.finished_at = utc_now_iso()
+        job.finished_at = utc_stamp()
         job.queue_position = None
         job.result = result
         if error is not None:

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -38,10 +37,18 @@ from typing import TYPE_CHECKING, Any
 
 from modelsmith.atomic import atomic_write_bytes, fsync_dir
 from modelsmith.errors import ModelsmithError, NotFound
+from modelsmith.hashing import sha256_hex
+from modelsmith.loop.records.events import (
+    EvalFinished,
+    PromotionApproved,
+    PromotionRejected,
+    PromotionRequested,
+)
 
 if TYPE_CHECKING:
     from modelsmith.loop.cluster.config import Cluster
-    from modelsmith.loop.records.ledger import LedgerEntry
+    from modelsmith.loop.records.events import LedgerEvent
+    from modelsmith.loop.records.ledger import Recorded
     from modelsmith.loop.records.signing import DaemonKey
 
 __all__ = ["MANIFEST", "MANIFEST_SIG", "TARBALL", "BuiltBundle", "build_bundle", "verify_bundle"]
@@ -127,13 +134,13 @@ def training_curve(log_path: Path) -> list[dict[str, Any]]:
     return sorted(points, key=lambda p: int(p["step"]))
 
 
-def composite_by_iteration(entries: Sequence[LedgerEntry]) -> list[dict[str, Any]]:
+def composite_by_iteration(events: Sequence[Recorded[LedgerEvent]]) -> list[dict[str, Any]]:
     from modelsmith.loop.promotion.policy import iteration_of
 
-    return [{"iteration": iteration_of(e.data.get("adapter")), "tag": e.data.get("tag"),
-             "adapter": e.data.get("adapter"), "composite": e.data.get("composite"),
-             "held_out": e.data.get("held_out"), "passed": e.data.get("passed"), "ts": e.ts}
-            for e in entries if e.kind == "eval.finished"]
+    return [{"iteration": iteration_of(r.event.adapter), "tag": r.event.tag,
+             "adapter": r.event.adapter, "composite": r.event.composite,
+             "held_out": r.event.held_out, "passed": r.event.passed, "ts": r.ts}
+            for r in events if isinstance(r.event, EvalFinished)]
 
 
 def _leakage_proof(cluster: Cluster, manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -153,8 +160,7 @@ def _leakage_proof(cluster: Cluster, manifest: dict[str, Any] | None) -> dict[st
     own_ok = isinstance(own, dict) and own.get("ok") is True
     return {"ok": own_ok and not ids and not hashes, "trainer_check_ok": own_ok,
             "trainer_check": own, "trained_count": len(trained), "held_out_count": len(held),
-            "held_out_ids_sha256": hashlib.sha256(
-                "\n".join(sorted(held_ids)).encode()).hexdigest(),
+            "held_out_ids_sha256": sha256_hex("\n".join(sorted(held_ids)).encode()),
             "overlapping_ids": ids, "overlapping_hashes": hashes}
 
 
@@ -223,42 +229,44 @@ def _composite_chart(points: Sequence[dict[str, Any]], threshold: float | None) 
 # -- building --------------------------------------------------------------------------------
 
 
-def _find(entries: Sequence[LedgerEntry], kinds: tuple[str, ...], request_id: str
-          ) -> LedgerEntry | None:
-    found = [e for e in entries if e.kind in kinds and e.data.get("request_id") == request_id]
+def _find(events: Sequence[Recorded[LedgerEvent]], kinds: tuple[type[Any], ...], request_id: str
+          ) -> Any:
+    found = [r.event for r in events
+             if isinstance(r.event, kinds) and getattr(r.event, "request_id", None) == request_id]
     return found[-1] if found else None
 
 
 def _manifest_text(files: dict[str, bytes]) -> bytes:
-    return "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n"
+    return "".join(f"{sha256_hex(data)}  {name}\n"
                    for name, data in sorted(files.items())).encode()
 
 
-def build_bundle(cluster: Cluster, entries: Sequence[LedgerEntry], request_id: str,
+def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], request_id: str,
                  key: DaemonKey | None = None) -> BuiltBundle:
     """Write the evidence bundle of ``request_id`` (replacing an older export of it).
 
-    ``entries`` are the cluster's ledger entries; ``key`` signs MANIFEST. Raises NotFound when
+    ``entries`` are the cluster's ledger events; ``key`` signs MANIFEST. Raises NotFound when
     the ledger has no such request.
     """
     from modelsmith.loop.eval.run import RESULTS_FILE, read_results
     from modelsmith.loop.promotion.bundle_html import BundlePage, render_page
 
     root = cluster.root
-    requested = _find(entries, ("promotion.requested",), request_id)
+    requested: PromotionRequested | None = _find(entries, (PromotionRequested,), request_id)
     if requested is None:
         raise NotFound(f"no promotion request {request_id!r}", data={"request_id": request_id})
     files: dict[str, bytes] = {}
-    loaded = _read_json(root / str(requested.data["file"]))
+    loaded = _read_json(root / requested.file)
     if loaded is None:
-        raise NotFound(f"promotion record {requested.data['file']} is missing",
-                       data={"file": str(requested.data["file"])})
+        raise NotFound(f"promotion record {requested.file} is missing",
+                       data={"file": requested.file})
     files["record/promotion-request.json"], request = loaded
-    decided = _find(entries, ("promotion.approved", "promotion.rejected"), request_id)
+    decided: PromotionApproved | PromotionRejected | None = _find(
+        entries, (PromotionApproved, PromotionRejected), request_id)
     decision: dict[str, Any] | None = None
-    if decided is not None and (found := _read_json(root / str(decided.data["decision_file"]))):
+    if decided is not None and (found := _read_json(root / decided.decision_file)):
         files["record/decision.json"], decision = found
-    status = "pending" if decided is None else decided.kind.split(".")[1]
+    status = "pending" if decided is None else decided.KIND.split(".")[1]
 
     tag = str(request["eval"]["tag"])
     evals = root / "evals"
@@ -300,7 +308,7 @@ def build_bundle(cluster: Cluster, entries: Sequence[LedgerEntry], request_id: s
     files["charts/training-curve.svg"] = training_svg.encode()
     files["charts/composite-by-iteration.svg"] = composite_svg.encode()
 
-    listing = [(name, hashlib.sha256(data).hexdigest(), len(data))
+    listing = [(name, sha256_hex(data), len(data))
                for name, data in sorted(files.items())]
     page = BundlePage(
         request=request, status=status, decision=decision,
@@ -349,7 +357,7 @@ def _write(bundles: Path, request_id: str, files: dict[str, bytes]) -> BuiltBund
     fsync_dir(bundles)
     shutil.rmtree(old, ignore_errors=True)
     return BuiltBundle(directory=final, html=final / "index.html", tarball=final / TARBALL,
-                       tarball_sha256=hashlib.sha256(tarball).hexdigest(), files=len(files))
+                       tarball_sha256=sha256_hex(tarball), files=len(files))
 
 
 # -- verifying -------------------------------------------------------------------------------
@@ -370,7 +378,7 @@ def _check_files(files: dict[str, bytes], where: str, trusted_key: str | None) -
         data = files.get(name)
         if data is None:
             problems.append(f"{where}: {name} is listed but missing")
-        elif hashlib.sha256(data).hexdigest() != digest:
+        elif sha256_hex(data) != digest:
             problems.append(f"{where}: {name} does not match its sha256 (altered)")
     for name in sorted(set(files) - listed - {MANIFEST, MANIFEST_SIG, TARBALL}):
         problems.append(f"{where}: {name} is not listed in {MANIFEST}")

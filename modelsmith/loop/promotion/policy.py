@@ -24,14 +24,14 @@ Blocking (reads files, hashes an adapter): call it from a worker thread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from modelsmith.errors import ModelsmithError
+from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.cluster.state import LoopState
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     SUMMARY_FILE,
@@ -40,7 +40,8 @@ from modelsmith.loop.eval.run import (
     read_summary,
     regressions_against,
 )
-from modelsmith.loop.records.ledger import Ledger, LedgerEntry
+from modelsmith.loop.records.events import EvalFinished, IterationAdvanced
+from modelsmith.loop.records.ledger import Ledger
 from modelsmith.loop.scoring.scenarios import prompt_hash, scenario_hash
 from modelsmith.rpc.schema.evals import EvalSummary
 from modelsmith.rpc.schema.promotion import PolicyCheck, PolicyReport
@@ -48,25 +49,15 @@ from modelsmith.rpc.schema.promotion import PolicyCheck, PolicyReport
 __all__ = [
     "TRAINING_MANIFEST",
     "GateEvidence",
-    "champion_eval_tag",
     "check_policy",
     "default_eval_tag",
     "iteration_of",
-    "sha256_file",
 ]
 
 TRAINING_MANIFEST = "training_manifest.json"
 
 # Phases in which a new request makes no sense: the candidate is about to change or be judged.
-_BLOCKING_PHASES = frozenset({"training", "awaiting_approval", "failed"})
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_BLOCKING_PHASES = frozenset({LoopState.TRAINING, LoopState.AWAITING_APPROVAL, LoopState.FAILED})
 
 
 def iteration_of(adapter: str | None) -> int:
@@ -77,43 +68,33 @@ def iteration_of(adapter: str | None) -> int:
     return int(number) if prefix == "iter" and number.isdigit() else 0
 
 
-def champion_eval_tag(ledger: Ledger) -> str | None:
-    """The eval tag that made the current champion (set by approvals and rollbacks)."""
-    tag: str | None = None
-    for entry in ledger.entries():
-        if entry.kind in ("promotion.approved", "rollback.done"):
-            value = entry.data.get("eval_tag")
-            tag = str(value) if value is not None else None
-    return tag
-
-
 def default_eval_tag(ledger: Ledger, candidate: str | None) -> str | None:
     """The newest finished eval of ``candidate``; else the newest eval (so the gate says why)."""
-    finished = ledger.find("eval.finished")
-    for entry in reversed(finished):
-        if candidate is not None and entry.data.get("adapter") == candidate:
-            return str(entry.data["tag"])
-    return str(finished[-1].data["tag"]) if finished else None
+    finished = ledger.find(EvalFinished)
+    for recorded in reversed(finished):
+        if candidate is not None and recorded.event.adapter == candidate:
+            return recorded.event.tag
+    return finished[-1].event.tag if finished else None
 
 
-def _eval_entry(ledger: Ledger, tag: str) -> LedgerEntry | None:
-    for entry in reversed(ledger.find("eval.finished")):
-        if entry.data.get("tag") == tag:
-            return entry
+def _eval_entry(ledger: Ledger, tag: str) -> EvalFinished | None:
+    for recorded in reversed(ledger.find(EvalFinished)):
+        if recorded.event.tag == tag:
+            return recorded.event
     return None
 
 
 def _base_eval_tag(ledger: Ledger) -> str | None:
-    for entry in reversed(ledger.find("eval.finished")):
-        if entry.data.get("adapter") is None:
-            return str(entry.data["tag"])
+    for recorded in reversed(ledger.find(EvalFinished)):
+        if recorded.event.adapter is None:
+            return recorded.event.tag
     return None
 
 
-def _iteration_entry(ledger: Ledger, adapter: str) -> LedgerEntry | None:
-    for entry in reversed(ledger.find("iteration.advanced")):
-        if entry.data.get("adapter") == adapter:
-            return entry
+def _iteration_entry(ledger: Ledger, adapter: str) -> IterationAdvanced | None:
+    for recorded in reversed(ledger.find(IterationAdvanced)):
+        if recorded.event.adapter == adapter:
+            return recorded.event
     return None
 
 
@@ -156,7 +137,7 @@ def check_policy(runtime: ClusterRuntime, eval_tag: str | None = None) -> GateEv
         cluster=runtime.cluster.name, iteration=runtime.iteration, adapter=candidate,
         eval_tag=tag, composite=None, held_out=None, passed=False, checks=[]))
     evidence.champion = runtime.champion
-    evidence.champion_eval_tag = champion_eval_tag(ledger)
+    evidence.champion_eval_tag = runtime.state.champion_eval_tag
 
     blocked = runtime.pending_promotion is not None or runtime.phase in _BLOCKING_PHASES
     pending = f"request {runtime.pending_promotion} awaits a decision; approve or reject it first"
@@ -202,11 +183,11 @@ def _check_eval(runtime: ClusterRuntime, ledger: Ledger, tag: str | None, checks
         checks.add("eval_full", False, "no eval")
         return None
     evidence.summary = summary
-    evidence.summary_sha256 = hashlib.sha256(summary_bytes).hexdigest()
+    evidence.summary_sha256 = sha256_hex(summary_bytes)
     entry = _eval_entry(ledger, tag)
     if entry is None:
         checks.add("eval_found", False, f"eval {tag} has no eval.finished entry in the ledger")
-    elif entry.data.get("summary_sha256") != evidence.summary_sha256:
+    elif entry.summary_sha256 != evidence.summary_sha256:
         checks.add("eval_found", False,
                    f"evals/{tag}/summary.json does not match the hash in the ledger (altered?)")
     else:
@@ -300,11 +281,11 @@ def _check_training(runtime: ClusterRuntime, ledger: Ledger, candidate: str | No
         checks.add("training_manifest", False, f"adapters/{candidate}/{TRAINING_MANIFEST}: {exc}")
         checks.add("leakage", False, "no readable training manifest to check")
         return
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = sha256_hex(raw)
     evidence.training_manifest = manifest
     evidence.training_manifest_sha256 = digest
     entry = _iteration_entry(ledger, candidate)
-    recorded = entry.data.get("training_manifest_sha256") if entry else None
+    recorded = entry.training_manifest_sha256 if entry else None
     problems = []
     if entry is None:
         problems.append(f"no iteration.advanced entry for {candidate} in the ledger")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,28 +25,28 @@ from typing import Any
 import msgspec
 
 from modelsmith.errors import ModelsmithError
-from modelsmith.loop.records.ledger import LedgerEntry
+from modelsmith.hashing import sha256_hex
+from modelsmith.loop.records.events import (
+    LedgerEvent,
+    PromotionApproved,
+    PromotionRejected,
+    PromotionRequested,
+    RollbackDone,
+    event_from,
+)
+from modelsmith.loop.records.ledger import LedgerEntry, Recorded
 from modelsmith.loop.records.signing import PUBLIC_KEY_NAME, canonical_json, verify_record
 
 __all__ = [
     "PROMOTIONS_DIR",
-    "RECORD_KINDS",
     "encode_record",
-    "read_ledger_entries",
+    "read_ledger_events",
     "record_file_of",
     "trusted_daemon_key",
     "verify_cluster_records",
 ]
 
 PROMOTIONS_DIR = "promotions"
-
-RECORD_KINDS: dict[str, str] = {
-    "promotion.requested": "file",
-    "promotion.approved": "decision_file",
-    "promotion.rejected": "decision_file",
-    "rollback.done": "file",
-}
-"""Ledger kinds that point at a record file, and the data field that holds its path."""
 
 _entry_decoder = msgspec.json.Decoder(LedgerEntry)
 
@@ -57,11 +56,14 @@ def encode_record(record: dict[str, Any]) -> bytes:
     return msgspec.json.format(canonical_json(record), indent=2) + b"\n"
 
 
-def record_file_of(entry: LedgerEntry) -> str | None:
-    """The record path (relative to the cluster) that a ledger entry points at, if any."""
-    field = RECORD_KINDS.get(entry.kind)
-    value = entry.data.get(field) if field else None
-    return str(value) if value else None
+def record_file_of(event: LedgerEvent) -> tuple[str, str] | None:
+    """``(path relative to the cluster, sha256)`` of the record an event points at, if any."""
+    match event:
+        case PromotionRequested() | RollbackDone():
+            return event.file, event.sha256
+        case PromotionApproved() | PromotionRejected():
+            return event.decision_file, event.sha256
+    return None
 
 
 def trusted_daemon_key(home: Path) -> str:
@@ -86,19 +88,20 @@ def trusted_daemon_key(home: Path) -> str:
     return base64.b64encode(blob[-32:]).decode("ascii")
 
 
-def read_ledger_entries(path: Path) -> list[LedgerEntry]:
-    """The decodable entries of a ledger file, read-only (the chain is verify_file's job)."""
-    entries: list[LedgerEntry] = []
+def read_ledger_events(path: Path) -> list[Recorded[LedgerEvent]]:
+    """The decodable events of a ledger file, read-only (the chain is verify_file's job)."""
+    events: list[Recorded[LedgerEvent]] = []
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
-        return entries
+        return events
     for line in raw.splitlines():
         try:
-            entries.append(_entry_decoder.decode(line))
-        except msgspec.DecodeError:
+            entry = _entry_decoder.decode(line)
+            events.append(Recorded(entry.seq, entry.ts, event_from(entry.kind, entry.data)))
+        except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-    return entries
+    return events
 
 
 def verify_cluster_records(cluster_root: Path, trusted_public_key_b64: str | None = None) -> list[str]:
@@ -110,27 +113,28 @@ def verify_cluster_records(cluster_root: Path, trusted_public_key_b64: str | Non
     """
     cluster_root = Path(cluster_root)
     problems: list[str] = []
-    entries = read_ledger_entries(cluster_root / "ledger.jsonl")
+    entries = read_ledger_events(cluster_root / "ledger.jsonl")
     referenced: set[str] = set()
     key = trusted_public_key_b64
-    if key is None and any(record_file_of(e) for e in entries):
+    if key is None and any(record_file_of(e.event) for e in entries):
         try:
             key = trusted_daemon_key(cluster_root.parent)
         except ModelsmithError as exc:
             problems.append(f"cannot check record signatures: {exc.message}")
     for entry in entries:
-        relative = record_file_of(entry)
-        if relative is None:
+        pointer = record_file_of(entry.event)
+        if pointer is None:
             continue
+        relative, recorded_sha256 = pointer
         referenced.add(relative)
-        where = f"{relative} (ledger seq {entry.seq}, {entry.kind})"
+        where = f"{relative} (ledger seq {entry.seq}, {entry.event.KIND})"
         path = cluster_root / relative
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             problems.append(f"{where}: record file is missing")
             continue
-        if hashlib.sha256(data).hexdigest() != entry.data.get("sha256"):
+        if sha256_hex(data) != recorded_sha256:
             problems.append(f"{where}: sha256 does not match the ledger (record altered)")
         try:
             record = json.loads(data)

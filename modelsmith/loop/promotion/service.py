@@ -26,13 +26,12 @@ work runs in worker threads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,27 +40,51 @@ import msgspec
 import structlog
 
 from modelsmith.atomic import create_exclusive
+from modelsmith.clock import utc_now, utc_stamp
 from modelsmith.errors import (
     ConflictError,
     EngineError,
     GateFailed,
     ModelsmithError,
-    NotFound,
     SignatureError,
     ValidationError,
 )
+from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.promotion.policy import TRAINING_MANIFEST, check_policy, iteration_of
 from modelsmith.loop.promotion.record_files import PROMOTIONS_DIR, encode_record
+from modelsmith.loop.promotion.records import (
+    AdapterRef,
+    ChampionRef,
+    DecisionRecord,
+    EvalRef,
+    ModelRef,
+    PolicyTerms,
+    PromotionRequestRecord,
+    RequesterRef,
+    RollbackRecord,
+    RollbackSide,
+    TrainingManifestRef,
+    read_record,
+    record_to_sign,
+)
 from modelsmith.loop.promotion.state import (
     RequestState,
     promotion_history,
     promotion_view,
     request_state,
+    rollback_target,
     seen_nonces,
 )
 from modelsmith.loop.records.approval import VerifiedApproval, verify_approval
-from modelsmith.loop.records.ledger import LedgerEntry
+from modelsmith.loop.records.events import (
+    ApprovalItem,
+    PromotionApproved,
+    PromotionRejected,
+    PromotionSigned,
+)
+from modelsmith.loop.records.events import PromotionRequested as PromotionRequestedEvent
+from modelsmith.loop.records.events import RollbackDone as RollbackDoneEvent
 from modelsmith.loop.records.signing import DaemonKey, verify_record
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.promotion import (
@@ -118,14 +141,6 @@ class Requester:
         return cls(uid=uid, pid=pid, username=name)
 
 
-def _utc(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @dataclass
 class _Outcome:
     """A decision or rollback done on disk and in the ledger; the adapter to serve, if any."""
@@ -143,7 +158,7 @@ class PromotionService:
         engines: ServesAdapters | None,
         home: Path,
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.fleet = fleet
         self.engines = engines
@@ -223,7 +238,7 @@ class PromotionService:
         async with self._lock(cluster):
             # matplotlib and tar work: never on the event loop.
             built = await anyio.to_thread.run_sync(
-                lambda: build_bundle(runtime.cluster, ledger.entries(), request_id, self.key()))
+                lambda: build_bundle(runtime.cluster, ledger.recorded(), request_id, self.key()))
         return BundleExported(cluster=cluster, request_id=request_id,
                               directory=str(built.directory), html=str(built.html),
                               tarball=str(built.tarball), tarball_sha256=built.tarball_sha256,
@@ -247,17 +262,18 @@ class PromotionService:
             return f"error: {message}"
         return "serving"
 
-    def _load_request_record(self, runtime: ClusterRuntime, entry: LedgerEntry) -> dict[str, Any]:
+    def _load_request_record(self, runtime: ClusterRuntime, requested: PromotionRequestedEvent
+                             ) -> PromotionRequestRecord:
         """The request record, refused unless its bytes and daemon signature are untouched."""
-        path = runtime.cluster.root / str(entry.data["file"])
+        path = runtime.cluster.root / requested.file
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise SignatureError(f"promotion record {entry.data['file']} is missing",
+            raise SignatureError(f"promotion record {requested.file} is missing",
                                  data={"reason": "tampered", "file": str(path)}) from None
-        if _sha256(data) != entry.data.get("sha256"):
+        if sha256_hex(data) != requested.sha256:
             raise SignatureError(
-                f"promotion record {entry.data['file']} was altered after it was written",
+                f"promotion record {requested.file} was altered after it was written",
                 data={"reason": "tampered", "file": str(path)})
         try:
             record = json.loads(data)
@@ -265,8 +281,12 @@ class PromotionService:
             raise SignatureError("promotion record is not JSON",
                                  data={"reason": "tampered", "file": str(path)}) from exc
         verify_record(record, self.key().public_key_b64)
-        assert isinstance(record, dict)
-        return record
+        try:
+            typed: PromotionRequestRecord = read_record(record, PromotionRequestRecord)
+        except msgspec.ValidationError as exc:
+            raise SignatureError(f"promotion record is not a request record: {exc}",
+                                 data={"reason": "tampered", "file": str(path)}) from exc
+        return typed
 
     def _verify(self, runtime: ClusterRuntime, statement: str, signature: str,
                 digest: str | None, principal: str | None) -> VerifiedApproval:
@@ -276,21 +296,21 @@ class PromotionService:
             expect_cluster=runtime.cluster.name, expect_request_digest=digest,
             seen_nonces=seen_nonces(ledger), now=self._clock(), principal=principal)
 
-    def _write_record(self, runtime: ClusterRuntime, relative: str, record: dict[str, Any]
-                      ) -> str:
+    def _write_record(self, runtime: ClusterRuntime, relative: str,
+                      record: PromotionRequestRecord | DecisionRecord | RollbackRecord) -> str:
         """Sign and write a record once; returns the sha256 of its bytes."""
-        data = encode_record(self.key().sign_record(record))
+        data = encode_record(self.key().sign_record(record_to_sign(record)))
         try:
             create_exclusive(runtime.cluster.root / relative, data, mode=0o644)
         except FileExistsError:
             raise ConflictError(f"record {relative} exists already; records are never "
                                 "overwritten", data={"file": relative}) from None
-        return _sha256(data)
+        return sha256_hex(data)
 
     # -- promote.request ------------------------------------------------------------------------
     def _request(self, runtime: ClusterRuntime, requester: Requester, eval_tag: str | None,
                  note: str | None) -> PromotionRequested:
-        ledger = runtime.require_ledger()
+        runtime.require_ledger()
         if runtime.pending_promotion is not None:
             raise ConflictError(f"request {runtime.pending_promotion} of {runtime.cluster.name} "
                                 "awaits a decision; approve or reject it first",
@@ -311,50 +331,41 @@ class PromotionService:
         now = self._clock()
         iteration = iteration_of(candidate)
         request_id = f"iter-{iteration}-{secrets.token_hex(4)}"
-        relative = f"{PROMOTIONS_DIR}/{now.astimezone(UTC):%Y-%m-%d}-{request_id}.json"
+        relative = f"{PROMOTIONS_DIR}/{utc_stamp(now)[:10]}-{request_id}.json"
         adapter_path = runtime.adapter_path(candidate)
-        record: dict[str, Any] = {
-            "kind": "promotion.request",
-            "format": 1,
-            "request_id": request_id,
-            "cluster": runtime.cluster.name,
-            "created_at": _utc(now),
-            "requested_by": {"uid": requester.uid, "username": requester.username,
-                             "pid": requester.pid},
-            "note": note,
-            "model": {"name": runtime.cluster.model_name,
-                      "base_model": str(runtime.cluster.base_model)},
-            "iteration": iteration,
-            "adapter": {"name": candidate, "path": str(adapter_path),
-                        "sha256": evidence.adapter_sha256},
-            "eval": {"tag": summary.tag, "type": summary.type, "quick": summary.quick,
-                     "summary_sha256": evidence.summary_sha256,
-                     "results_sha256": summary.results_sha256, "composite": summary.composite,
-                     "held_out": summary.held_out, "scenarios": summary.scenarios},
-            "scenario_sets": dict(summary.scenario_sets),
-            "training_manifest": {
-                "path": f"adapters/{candidate}/{TRAINING_MANIFEST}",
-                "sha256": evidence.training_manifest_sha256,
-                "job_id": evidence.training_manifest.get("job_id"),
-                "source_eval_tag": evidence.training_manifest.get("eval_tag"),
-            },
-            "champion": {"adapter": evidence.champion, "eval_tag": evidence.champion_eval_tag},
-            "regressions": evidence.extra.get("regressions"),
-            "policy": {"composite_threshold": config.thresholds.composite,
-                       "held_out_threshold": config.thresholds.held_out,
-                       "max_regressions": config.policy.max_regressions,
-                       "required_approvals": config.policy.required_approvals},
-            "gate": msgspec.to_builtins(report.checks),
-        }
+        record = PromotionRequestRecord(
+            request_id=request_id, cluster=runtime.cluster.name, created_at=utc_stamp(now),
+            requested_by=RequesterRef(uid=requester.uid, username=requester.username,
+                                      pid=requester.pid),
+            note=note,
+            model=ModelRef(name=runtime.cluster.model_name,
+                           base_model=str(runtime.cluster.base_model)),
+            iteration=iteration,
+            adapter=AdapterRef(name=candidate, path=str(adapter_path),
+                               sha256=evidence.adapter_sha256),
+            eval=EvalRef(tag=summary.tag, type=summary.type, quick=summary.quick,
+                         summary_sha256=evidence.summary_sha256,
+                         results_sha256=summary.results_sha256, composite=summary.composite,
+                         held_out=summary.held_out, scenarios=summary.scenarios),
+            scenario_sets=dict(summary.scenario_sets),
+            training_manifest=TrainingManifestRef(
+                path=f"adapters/{candidate}/{TRAINING_MANIFEST}",
+                sha256=evidence.training_manifest_sha256,
+                job_id=evidence.training_manifest.get("job_id"),
+                source_eval_tag=evidence.training_manifest.get("eval_tag")),
+            champion=ChampionRef(adapter=evidence.champion, eval_tag=evidence.champion_eval_tag),
+            regressions=evidence.extra.get("regressions"),
+            policy=PolicyTerms(composite_threshold=config.thresholds.composite,
+                               held_out_threshold=config.thresholds.held_out,
+                               max_regressions=config.policy.max_regressions,
+                               required_approvals=config.policy.required_approvals),
+            gate=list(report.checks),
+        )
         digest = self._write_record(runtime, relative, record)
-        ledger.append("promotion.requested", {
-            "request_id": request_id, "file": relative, "sha256": digest,
-            "iteration": iteration, "adapter": candidate,
-            "adapter_sha256": evidence.adapter_sha256, "eval_tag": summary.tag,
-            "summary_sha256": evidence.summary_sha256, "requested_by_uid": requester.uid,
-        })
-        runtime.pending_promotion = request_id
-        runtime.phase = "awaiting_approval"
+        runtime.record(PromotionRequestedEvent(
+            request_id=request_id, file=relative, sha256=digest, iteration=iteration,
+            adapter=candidate, adapter_sha256=evidence.adapter_sha256, eval_tag=summary.tag,
+            summary_sha256=evidence.summary_sha256 or "", requested_by_uid=requester.uid))
         log.info("promotion requested", cluster=runtime.cluster.name, request_id=request_id,
                  adapter=candidate, eval_tag=summary.tag)
         name = runtime.cluster.name
@@ -378,11 +389,11 @@ class PromotionService:
         if state.status != "pending":
             raise ConflictError(f"promotion request {request_id} was {state.status} already",
                                 data={"request_id": request_id, "status": state.status})
-        record = self._load_request_record(runtime, state.entry)
-        decision_relative = str(state.entry.data["file"]).removesuffix(".json") + ".decision.json"
+        record = self._load_request_record(runtime, state.requested.event)
+        decision_relative = state.requested.event.file.removesuffix(".json") + ".decision.json"
         if (runtime.cluster.root / decision_relative).exists():
             return self._recover_decision(runtime, state, decision_relative)
-        verified = self._verify(runtime, statement, signature, str(state.entry.data["sha256"]),
+        verified = self._verify(runtime, statement, signature, state.requested.event.sha256,
                                 principal)
         said = verified.statement
         if said.decision == "rollback":
@@ -391,19 +402,19 @@ class PromotionService:
         if said.request_id != request_id:
             raise SignatureError("statement is for another promotion request",
                                  data={"reason": "digest_mismatch", "request_id": said.request_id})
-        item = {"principal": verified.principal, "key_fingerprint": verified.key_fingerprint,
-                "decision": said.decision, "reason": said.reason, "time": said.time,
-                "nonce": said.nonce, "statement": statement, "signature": signature}
-        required = int(record["policy"]["required_approvals"])
+        item = ApprovalItem(principal=verified.principal, key_fingerprint=verified.key_fingerprint,
+                            decision=said.decision, reason=said.reason, time=said.time,
+                            nonce=said.nonce, statement=statement, signature=signature)
+        required = record.policy.required_approvals
         if said.decision == "approve":
-            if any(prior["principal"] == verified.principal for prior in state.signed):
+            if any(prior.principal == verified.principal for prior in state.signed):
                 raise ConflictError(f"{verified.principal} approved {request_id} already; "
                                     f"{required} distinct reviewers are needed",
                                     data={"request_id": request_id,
                                           "principal": verified.principal})
             approvals = [*state.signed, item]
             if len(approvals) < required:
-                ledger.append("promotion.signed", {"request_id": request_id, **item})
+                runtime.record(PromotionSigned(request_id=request_id, **msgspec.structs.asdict(item)))
                 return _Outcome(self._decided(runtime, request_id, "pending", verified.principal,
                                               approvals, required, None), None)
             return self._finish(runtime, state, record, decision_relative, "approved", approvals,
@@ -412,79 +423,75 @@ class PromotionService:
                             verified.principal, reason=said.reason)
 
     def _decided(self, runtime: ClusterRuntime, request_id: str, status: RequestStatus,
-                 principal: str, approvals: list[dict[str, Any]], required: int,
+                 principal: str, approvals: list[ApprovalItem], required: int,
                  decision_file: str | None) -> PromotionDecided:
         return PromotionDecided(
             cluster=runtime.cluster.name, request_id=request_id, status=status,
             principal=principal,
-            approvals=[str(a["principal"]) for a in approvals if a.get("decision") == "approve"],
+            approvals=[a.principal for a in approvals if a.decision == "approve"],
             required_approvals=required, decision_file=decision_file, champion=runtime.champion,
             engine="unchanged")
 
-    def _finish(self, runtime: ClusterRuntime, state: RequestState, record: dict[str, Any],
-                decision_relative: str, status: RequestStatus, approvals: list[dict[str, Any]],
-                principal: str, *, reason: str | None) -> _Outcome:
-        request_id = str(state.entry.data["request_id"])
-        decision = {
-            "kind": "promotion.decision", "format": 1, "cluster": runtime.cluster.name,
-            "request_id": request_id, "decision": status, "reason": reason,
-            "request_file": state.entry.data["file"], "request_sha256": state.entry.data["sha256"],
-            "iteration": record["iteration"], "adapter": record["adapter"],
-            "eval_tag": record["eval"]["tag"], "approvals": approvals,
-            "required_approvals": int(record["policy"]["required_approvals"]),
-            "decided_at": _utc(self._clock()),
-        }
+    def _finish(self, runtime: ClusterRuntime, state: RequestState,
+                record: PromotionRequestRecord, decision_relative: str, status: RequestStatus,
+                approvals: list[ApprovalItem], principal: str, *, reason: str | None) -> _Outcome:
+        requested = state.requested.event
+        decision = DecisionRecord(
+            cluster=runtime.cluster.name, request_id=requested.request_id, decision=status,
+            reason=reason, request_file=requested.file, request_sha256=requested.sha256,
+            iteration=record.iteration, adapter=record.adapter, eval_tag=record.eval.tag,
+            approvals=approvals, required_approvals=record.policy.required_approvals,
+            decided_at=utc_stamp(self._clock()))
         digest = self._write_record(runtime, decision_relative, decision)
         return self._apply_decision(runtime, decision, decision_relative, digest, principal)
 
-    def _apply_decision(self, runtime: ClusterRuntime, decision: dict[str, Any],
+    def _apply_decision(self, runtime: ClusterRuntime, decision: DecisionRecord,
                         decision_relative: str, digest: str, principal: str) -> _Outcome:
-        ledger = runtime.require_ledger()
-        approvals: list[dict[str, Any]] = decision["approvals"]
-        adapter = str(decision["adapter"]["name"])
-        common = {"request_id": decision["request_id"], "adapter": adapter,
-                  "adapter_sha256": decision["adapter"]["sha256"],
-                  "iteration": decision["iteration"], "eval_tag": decision["eval_tag"],
-                  "principals": [a["principal"] for a in approvals],
-                  "nonces": [a["nonce"] for a in approvals],
-                  "decision_file": decision_relative, "sha256": digest}
+        approvals = decision.approvals
+        adapter = decision.adapter.name
+        principals = [a.principal for a in approvals]
+        nonces = [a.nonce for a in approvals]
         serve: tuple[str, Path] | None = None
-        if decision["decision"] == "approved":
-            ledger.append("promotion.approved", common)
-            runtime.champion = adapter
-            if runtime.candidate == adapter:
-                runtime.candidate = None
+        if decision.decision == "approved":
+            runtime.record(PromotionApproved(
+                request_id=decision.request_id, adapter=adapter,
+                adapter_sha256=decision.adapter.sha256, iteration=decision.iteration,
+                eval_tag=decision.eval_tag, principals=principals, nonces=nonces,
+                decision_file=decision_relative, sha256=digest))
             serve = (adapter, runtime.adapter_path(adapter))
         else:
-            ledger.append("promotion.rejected", {**common, "reason": decision["reason"]})
-        runtime.pending_promotion = None
-        runtime.phase = "idle"
+            runtime.record(PromotionRejected(
+                request_id=decision.request_id, adapter=adapter,
+                adapter_sha256=decision.adapter.sha256, iteration=decision.iteration,
+                eval_tag=decision.eval_tag, principals=principals, nonces=nonces,
+                decision_file=decision_relative, sha256=digest, reason=decision.reason))
         log.info("promotion decided", cluster=runtime.cluster.name,
-                 request_id=decision["request_id"], decision=decision["decision"],
-                 principals=common["principals"])
-        required = int(decision.get("required_approvals", len(approvals)))
-        result = self._decided(runtime, str(decision["request_id"]), decision["decision"],
-                               principal, approvals, required, decision_relative)
+                 request_id=decision.request_id, decision=decision.decision, principals=principals)
+        status: RequestStatus = "approved" if decision.decision == "approved" else "rejected"
+        result = self._decided(runtime, decision.request_id, status, principal, approvals,
+                               decision.required_approvals, decision_relative)
         return _Outcome(result, serve)
 
     def _recover_decision(self, runtime: ClusterRuntime, state: RequestState,
                           decision_relative: str) -> _Outcome:
         """Finish a decision whose record was written but whose ledger entry a crash lost."""
         data = (runtime.cluster.root / decision_relative).read_bytes()
-        decision = json.loads(data)
-        verify_record(decision, self.key().public_key_b64)
-        if decision.get("request_sha256") != state.entry.data.get("sha256"):
+        raw = json.loads(data)
+        verify_record(raw, self.key().public_key_b64)
+        decision: DecisionRecord = read_record(raw, DecisionRecord)
+        if decision.request_sha256 != state.requested.event.sha256:
             raise SignatureError(f"{decision_relative} is not the decision of this request",
                                  data={"reason": "tampered", "file": decision_relative})
         log.warning("completing an interrupted decision", cluster=runtime.cluster.name,
                     file=decision_relative)
-        principal = str(decision["approvals"][-1]["principal"])
-        return self._apply_decision(runtime, decision, decision_relative, _sha256(data), principal)
+        principal = decision.approvals[-1].principal
+        return self._apply_decision(runtime, decision, decision_relative, sha256_hex(data),
+                                    principal)
 
     # -- promote.rollback ------------------------------------------------------------------------
     def _rollback(self, runtime: ClusterRuntime, statement: str, signature: str,
                   principal: str | None) -> _Outcome:
-        ledger = runtime.require_ledger()
+        runtime.require_ledger()
         verified = self._verify(runtime, statement, signature, None, principal)
         said = verified.statement
         if said.decision != "rollback" or said.to_iteration is None:
@@ -499,29 +506,23 @@ class PromotionService:
         if to_iteration >= current:
             raise ConflictError(f"iteration {to_iteration} is not earlier than the champion "
                                 f"{champion}", data={"to_iteration": to_iteration})
-        adapter, adapter_sha256, request_id, eval_tag = self._rollback_target(
-            runtime, to_iteration)
+        adapter, adapter_sha256, request_id, eval_tag = rollback_target(runtime, to_iteration)
         now = self._clock()
         rollback_id = f"to-iter-{to_iteration}-{secrets.token_hex(4)}"
-        relative = f"{PROMOTIONS_DIR}/{now.astimezone(UTC):%Y-%m-%d}-rollback-{rollback_id}.json"
-        record = {
-            "kind": "rollback", "format": 1, "cluster": runtime.cluster.name,
-            "rollback_id": rollback_id, "created_at": _utc(now),
-            "from": {"adapter": champion, "iteration": current},
-            "to": {"adapter": adapter, "iteration": to_iteration, "request_id": request_id,
-                   "eval_tag": eval_tag, "adapter_sha256": adapter_sha256},
-            "principal": verified.principal, "key_fingerprint": verified.key_fingerprint,
-            "reason": said.reason, "nonce": said.nonce, "statement": statement,
-            "signature": signature, "daemon_pid": os.getpid(),
-        }
+        relative = f"{PROMOTIONS_DIR}/{utc_stamp(now)[:10]}-rollback-{rollback_id}.json"
+        record = RollbackRecord(
+            cluster=runtime.cluster.name, rollback_id=rollback_id, created_at=utc_stamp(now),
+            from_=RollbackSide(adapter=champion, iteration=current),
+            to=RollbackSide(adapter=adapter, iteration=to_iteration, request_id=request_id,
+                            eval_tag=eval_tag, adapter_sha256=adapter_sha256),
+            principal=verified.principal, key_fingerprint=verified.key_fingerprint,
+            reason=said.reason, nonce=said.nonce, statement=statement, signature=signature,
+            daemon_pid=os.getpid())
         digest = self._write_record(runtime, relative, record)
-        ledger.append("rollback.done", {
-            "rollback_id": rollback_id, "adapter": adapter, "to_iteration": to_iteration,
-            "from_adapter": champion, "eval_tag": eval_tag, "adapter_sha256": adapter_sha256,
-            "principal": verified.principal, "nonce": said.nonce, "file": relative,
-            "sha256": digest,
-        })
-        runtime.champion = adapter
+        runtime.record(RollbackDoneEvent(
+            rollback_id=rollback_id, adapter=adapter, to_iteration=to_iteration,
+            from_adapter=champion, eval_tag=eval_tag, adapter_sha256=adapter_sha256,
+            principal=verified.principal, nonce=said.nonce, file=relative, sha256=digest))
         log.info("rolled back", cluster=runtime.cluster.name, to=adapter or "base",
                  previous=champion, principal=verified.principal)
         result = RollbackDone(cluster=runtime.cluster.name, rollback_id=rollback_id,
@@ -530,32 +531,6 @@ class PromotionService:
                               file=relative, engine="unchanged")
         serve = (adapter, runtime.adapter_path(adapter)) if adapter is not None else None
         return _Outcome(result, serve)
-
-    def _rollback_target(self, runtime: ClusterRuntime, to_iteration: int
-                         ) -> tuple[str | None, str | None, str | None, str | None]:
-        """(adapter, its sha256, approving request, eval tag) of an approved iteration; 0 is the
-        base model. The adapter must still hash to what was approved."""
-        ledger = runtime.require_ledger()
-        if to_iteration == 0:
-            base_evals = [e for e in ledger.find("eval.finished") if e.data.get("adapter") is None]
-            return None, None, None, (str(base_evals[-1].data["tag"]) if base_evals else None)
-        approved = next((e for e in reversed(ledger.find("promotion.approved"))
-                         if int(e.data.get("iteration", -1)) == to_iteration), None)
-        if approved is None:
-            raise NotFound(f"iteration {to_iteration} was never approved in "
-                           f"{runtime.cluster.name}; only approved iterations can be served",
-                           data={"to_iteration": to_iteration})
-        adapter = str(approved.data["adapter"])
-        from modelsmith.gpu.adapters import verify_adapter
-
-        adapter_path = runtime.adapter_path(adapter)
-        manifest = verify_adapter(adapter_path)
-        if manifest.adapter_sha256 != approved.data.get("adapter_sha256"):
-            raise ValidationError(f"adapter {adapter} changed since it was approved",
-                                  data={"file": str(adapter_path), "reason": "altered"})
-        eval_tag = approved.data.get("eval_tag")
-        return (adapter, manifest.adapter_sha256, str(approved.data["request_id"]),
-                str(eval_tag) if eval_tag is not None else None)
 
     # -- RPC -------------------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:

@@ -17,35 +17,33 @@ naming the entry. :func:`verify_file` runs the same check read-only.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import structlog
 
 from modelsmith.atomic import fsync_dir
+from modelsmith.clock import utc_stamp
 from modelsmith.errors import LedgerCorrupt, NotFound, Unavailable, ValidationError
+from modelsmith.hashing import sha256_hex as _sha256_hex
+from modelsmith.loop.records.events import LedgerEvent, event_data, event_from
 
 __all__ = [
     "GENESIS_PREV",
     "Ledger",
     "LedgerEntry",
+    "Recorded",
     "RecoveryNote",
     "VerifyReport",
     "verify_file",
 ]
 
 GENESIS_PREV = "0" * 64
-
-# Kinds are dotted lower-case names ("eval.started"); keeping them this plain also means that no
-# field after ``data`` in the sorted encoding can ever contain JSON punctuation.
-_KIND_PATTERN = re.compile(r"[a-z][a-z0-9_-]*(\.[a-z][a-z0-9_-]*)*")
 
 _log = structlog.get_logger(__name__)
 
@@ -97,12 +95,16 @@ _encoder = msgspec.json.Encoder(order="sorted")
 _entry_decoder = msgspec.json.Decoder(LedgerEntry)
 
 
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+E = TypeVar("E", bound=LedgerEvent)  # type: ignore[misc]
 
 
-def _utc_now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+@dataclass(frozen=True, slots=True)
+class Recorded(Generic[E]):
+    """One ledger entry as readers see it: its place, its time and its typed event."""
+
+    seq: int
+    ts: str
+    event: E
 
 
 def _entry_hash(entry: LedgerEntry | _EntryBody) -> str:
@@ -159,9 +161,24 @@ def _holds_whole_entry(tail: bytes, seq: int, prev: str) -> bool:
     return False
 
 
+def _decode_event(entry: LedgerEntry, file: str) -> Recorded[LedgerEvent]:
+    """The typed event of a verified entry; an entry that is none of ours is corruption."""
+    try:
+        event = event_from(entry.kind, entry.data)
+    except msgspec.ValidationError as exc:
+        raise LedgerCorrupt(
+            f"ledger {file} is corrupt at line {entry.seq + 1} (seq {entry.seq}): "
+            f"bad_event: {entry.kind}: {exc}",
+            data={"file": file, "line": entry.seq + 1, "seq": entry.seq, "reason": "bad_event",
+                  "kind": entry.kind},
+        ) from None
+    return Recorded(entry.seq, entry.ts, event)
+
+
 @dataclass
 class _Scan:
     entries: list[LedgerEntry]
+    events: list[Recorded[LedgerEvent]]
     kept_length: int  # bytes of the file that hold intact entries
     last_line_hash: str  # sha256 of the last intact line, i.e. the next entry's prev
     torn: RecoveryNote | None
@@ -170,6 +187,7 @@ class _Scan:
 def _scan(raw: bytes, file: str) -> _Scan:
     """Verify the chain in ``raw``; raise LedgerCorrupt for damage other than a torn tail."""
     entries: list[LedgerEntry] = []
+    events: list[Recorded[LedgerEvent]] = []
     prev = GENESIS_PREV
     offset = 0
     total = len(raw)
@@ -196,7 +214,7 @@ def _scan(raw: bytes, file: str) -> _Scan:
                         dropped_bytes=total - offset,
                         reason=reason,
                     )
-                    return _Scan(entries, offset, prev, torn)
+                    return _Scan(entries, events, offset, prev, torn)
                 # A crash tears at most the one line being appended, so a tail that starts with
                 # a whole valid entry and goes on lost a line end to damage, not to a crash.
                 reason = "damaged_line_end"
@@ -205,9 +223,10 @@ def _scan(raw: bytes, file: str) -> _Scan:
                 data={"file": file, "line": seq + 1, "seq": seq, "reason": reason},
             ) from None
         entries.append(entry)
+        events.append(_decode_event(entry, file))
         prev = _sha256_hex(line)
         offset = end + 1
-    return _Scan(entries, offset, prev, None)
+    return _Scan(entries, events, offset, prev, None)
 
 
 def verify_file(path: Path) -> VerifyReport:
@@ -250,32 +269,39 @@ class Ledger:
 
     One process owns a ledger file. :meth:`append` is synchronous and thread-safe; the daemon
     calls it from a worker thread (``anyio.to_thread.run_sync``) so the fsync never blocks the
-    event loop. Readers (:meth:`entries`, :meth:`find`, :attr:`last` ...) see only entries whose
-    append has returned.
+    event loop. Readers (:meth:`recorded`, :meth:`find`, :meth:`last_of` ...) see only entries
+    whose append has returned, as typed events.
+
+    ``on_append`` (set by the cluster runtime) is called under the ledger's lock with every new
+    entry, in order: the cluster state is reduced from exactly the events on disk.
     """
 
     def __init__(self, path: Path, scan: _Scan) -> None:
         self._path = path
         self._lock = threading.Lock()
         self._entries: list[LedgerEntry] = scan.entries
-        self._by_kind: dict[str, list[LedgerEntry]] = {}
-        for entry in scan.entries:
-            self._by_kind.setdefault(entry.kind, []).append(entry)
+        self._events: list[Recorded[LedgerEvent]] = scan.events
+        self._by_kind: dict[type[Any], list[Recorded[Any]]] = {}
+        for recorded in scan.events:
+            self._by_kind.setdefault(type(recorded.event), []).append(recorded)
         self._size = scan.kept_length
         self._next_prev = scan.last_line_hash
         self.recovery: RecoveryNote | None = scan.torn
         """The torn tail cut off when this ledger was opened, if any."""
+        self.on_append: Callable[[Recorded[LedgerEvent]], None] | None = None
 
     @classmethod
-    def open(cls, path: Path) -> Ledger:
-        """Open (creating if absent) and verify the ledger at ``path``.
+    def open(cls, path: Path, *, create: bool = True) -> Ledger:
+        """Open and verify the ledger at ``path`` (creating it when absent and ``create``).
 
         A torn last line is truncated away (durably) and recorded in :attr:`recovery` with a
         warning in the log. Raises LedgerCorrupt, naming the entry, for any other damage.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
+        if created and not create:
+            raise NotFound(f"no ledger at {path}", data={"file": str(path)})
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab+") as handle:
             handle.seek(0)
             raw = handle.read()
@@ -299,18 +325,16 @@ class Ledger:
     def path(self) -> Path:
         return self._path
 
-    def append(self, kind: str, data: dict[str, Any]) -> LedgerEntry:
+    def append(self, event: E) -> Recorded[E]:
         """Append one event and return it once it is on disk (written, flushed and fsynced).
 
-        Raises ValidationError for a malformed ``kind`` or data that JSON cannot hold.
+        Raises ValidationError for an event that does not survive a JSON round trip (a NaN
+        score, say): what is on disk is always what readers get back.
         """
-        if not _KIND_PATTERN.fullmatch(kind):
-            raise ValidationError(
-                f"ledger kind {kind!r} is not a dotted lower-case name",
-                data={"field": "kind", "value": kind},
-            )
+        kind, data = event_data(event)
         with self._lock:
-            body = _EntryBody(len(self._entries), _utc_now_rfc3339(), kind, data, self._next_prev)
+            body = _EntryBody(len(self._entries), utc_stamp(precision="microseconds"), kind, data,
+                              self._next_prev)
             try:
                 body_bytes = _encoder.encode(body)
             except (TypeError, ValueError, OverflowError) as exc:
@@ -322,22 +346,26 @@ class Ledger:
                 body.seq, body.ts, kind, data, body.prev, _sha256_hex(body_bytes)
             )
             line = _encoder.encode(entry)
-            # Keep in memory what a reopen will read: the decoded bytes, not the caller's objects
-            # (tuples become lists, keys become strings ...).
+            # Keep in memory what a reopen will read: the decoded bytes, not the caller's objects.
             try:
                 stored = _entry_decoder.decode(line)
-            except msgspec.DecodeError:  # e.g. data that is not a JSON object
+                again = event_from(stored.kind, stored.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
                 stored = None
-            if stored is None or stored.hash != _entry_hash(stored):
+            if stored is None or stored.hash != _entry_hash(stored) or again != event:
                 raise ValidationError(
                     f"ledger data for {kind!r} does not survive a JSON round trip",
                     data={"field": "data", "kind": kind},
                 )
             self._write_durably(line + b"\n")
+            recorded: Recorded[E] = Recorded(stored.seq, stored.ts, event)
             self._entries.append(stored)
-            self._by_kind.setdefault(kind, []).append(stored)
+            self._events.append(recorded)  # type: ignore[arg-type]
+            self._by_kind.setdefault(type(event), []).append(recorded)
             self._next_prev = _sha256_hex(line)
-            return stored
+            if self.on_append is not None:
+                self.on_append(recorded)  # type: ignore[arg-type]
+            return recorded
 
     def _write_durably(self, payload: bytes) -> None:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
@@ -362,9 +390,23 @@ class Ledger:
         self._size += len(payload)
 
     def entries(self, since: int = 0) -> list[LedgerEntry]:
-        """The entries with ``seq >= since``, oldest first (a copy)."""
+        """The stored entries with ``seq >= since``, oldest first (a copy): for verification and
+        export; readers of the domain use :meth:`recorded`."""
         with self._lock:
             return self._entries[max(since, 0) :]
+
+    def recorded(self, since: int = 0) -> list[Recorded[LedgerEvent]]:
+        """The typed events with ``seq >= since``, oldest first (a copy)."""
+        with self._lock:
+            return self._events[max(since, 0) :]
+
+    def replay(self, apply: Callable[[Recorded[LedgerEvent]], None]) -> None:
+        """Call ``apply`` with every event in order, then with every later append (under the
+        lock, so none is missed or seen twice)."""
+        with self._lock:
+            for recorded in self._events:
+                apply(recorded)
+            self.on_append = apply
 
     @property
     def last(self) -> LedgerEntry | None:
@@ -372,13 +414,13 @@ class Ledger:
         with self._lock:
             return self._entries[-1] if self._entries else None
 
-    def find(self, kind: str) -> list[LedgerEntry]:
-        """All entries of one kind, oldest first (a copy)."""
+    def find(self, kind: type[E]) -> list[Recorded[E]]:
+        """All events of one kind, oldest first (a copy)."""
         with self._lock:
             return list(self._by_kind.get(kind, ()))
 
-    def last_of(self, kind: str) -> LedgerEntry | None:
-        """The newest entry of one kind, or None."""
+    def last_of(self, kind: type[E]) -> Recorded[E] | None:
+        """The newest event of one kind, or None."""
         with self._lock:
             found = self._by_kind.get(kind)
             return found[-1] if found else None

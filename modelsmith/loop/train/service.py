@@ -9,7 +9,6 @@ set against it so ``eval.compare`` shows what the iteration fixed and broke.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -21,6 +20,7 @@ import msgspec
 import structlog
 
 from modelsmith.atomic import atomic_write_bytes
+from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, TrainerError
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.gpu.trainer_process import run_trainer
@@ -37,11 +37,14 @@ from modelsmith.gpu.trainer_spec import (
     TrainJobSpec,
     estimate_duration_minutes,
 )
+from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
-from modelsmith.loop.eval.diagnose import diagnose
-from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, read_results, read_summary, utc_now
+from modelsmith.loop.eval.diagnose import diagnose_eval
+from modelsmith.loop.eval.run import RESULTS_FILE, eval_dir, read_results, read_summary
 from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.registry import Job, JobRegistry
+from modelsmith.loop.records.events import IterationAdvanced, TrainFailed, failure_of
+from modelsmith.loop.records.events import TrainStarted as TrainStartedEvent
 from modelsmith.loop.train.training_set import build_manifest, select_training_scenarios
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
@@ -144,7 +147,7 @@ class TrainService:
             scenarios=chosen, catalog=catalog, job_id=job_id, cluster=runtime.cluster.name,
             iteration=iteration, eval_tag=params.eval_tag, base_model=str(runtime.cluster.base_model),
             init_adapter=init_adapter, near_miss_margin=margin,
-            metrics_log=f"logs/train-{job_id}.log", created_at=utc_now(),
+            metrics_log=f"logs/train-{job_id}.log", created_at=utc_stamp(),
         )
         spec = self.spec_for(runtime, params, job_id, iteration,
                              [msgspec.to_builtins(s) for s in chosen], init_adapter, resume)
@@ -171,19 +174,17 @@ class TrainService:
 
     async def _run(self, job: Job, runtime: ClusterRuntime, spec: TrainJobSpec, manifest: dict[str, Any],
                    params: TrainStartParams, log_path: Path) -> dict[str, Any]:
-        ledger = runtime.require_ledger()
-        iteration = manifest["iteration"]
+        runtime.require_ledger()
+        iteration = int(manifest["iteration"])
         out = Path(spec.output_dir)
         if await anyio.Path(out).exists():
             # Left by a crash after the trainer saved but before the ledger advanced: not an
             # iteration of record. Keep it aside for inspection, never reuse it.
             aside = out.with_name(f".orphan-{out.name}-{int(time.time())}")
             await anyio.to_thread.run_sync(out.rename, aside)
-        await anyio.to_thread.run_sync(lambda: ledger.append("train.started", {
-            "job_id": job.job_id, "iteration": iteration, "eval_tag": params.eval_tag,
-            "scenarios": len(spec.scenarios), "work_dir": spec.work_dir, "init_adapter": spec.init_adapter,
-        }))
-        previous_phase = runtime.phase
+        await anyio.to_thread.run_sync(runtime.record, TrainStartedEvent(
+            job_id=job.job_id, iteration=iteration, eval_tag=params.eval_tag,
+            scenarios=len(spec.scenarios), work_dir=spec.work_dir, init_adapter=spec.init_adapter))
         state: dict[str, Any] = {"metrics": 0, "stopped": None, "total": spec.grpo.max_steps}
 
         def on_event(event: TrainerEvent) -> None:
@@ -208,7 +209,6 @@ class TrainService:
         try:
             job.message = "waiting for a device lease"
             async with self.leases.lease(f"train:{job.job_id}", on_position=on_position) as device:
-                runtime.phase = "training"
                 job.message = "training"
                 # The trainer sees only its leased GPU (else the HF Trainer takes every one).
                 env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
@@ -228,24 +228,20 @@ class TrainService:
             await anyio.to_thread.run_sync(atomic_write_bytes, outcome.adapter_path / TRAINING_MANIFEST, manifest_bytes)
             adapter = f"iter-{iteration}"
             adapter_manifest = outcome.adapter
-            await anyio.to_thread.run_sync(lambda: ledger.append("iteration.advanced", {
-                "iteration": iteration, "adapter": adapter, "adapter_hash": adapter_manifest.adapter_sha256,
-                "train_job": job.job_id, "source_eval_tag": params.eval_tag,
-                "training_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                "stop_reason": stopped.reason, "steps": stopped.step,
-            }))
-            runtime.iteration = iteration
-            runtime.candidate = adapter
+            await anyio.to_thread.run_sync(runtime.record, IterationAdvanced(
+                iteration=iteration, adapter=adapter, adapter_hash=adapter_manifest.adapter_sha256,
+                train_job=job.job_id, source_eval_tag=params.eval_tag,
+                training_manifest_sha256=sha256_hex(manifest_bytes), stop_reason=stopped.reason,
+                steps=stopped.step))
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                failure = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else str(exc)
-                await anyio.to_thread.run_sync(lambda: ledger.append(
-                    "train.failed", {"job_id": job.job_id, "iteration": iteration, "error": failure}))
-                runtime.phase = previous_phase
+                failed = TrainFailed(job_id=job.job_id, error=failure_of(exc), iteration=iteration)
+                await anyio.to_thread.run_sync(runtime.record, failed)
             raise
         finally:
-            await anyio.to_thread.run_sync(shutil.rmtree, Path(spec.work_dir) / "checkpoints", True)
-        runtime.phase = previous_phase
+            # Shielded: a cancelled job must still leave no checkpoints behind.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(shutil.rmtree, Path(spec.work_dir) / "checkpoints", True)
         result: dict[str, Any] = {"iteration": iteration, "adapter": adapter, "stop_reason": stopped.reason,
                                   "steps": stopped.step, "adapter_hash": adapter_manifest.adapter_sha256}
         hot = await self._hot_load(runtime, adapter, outcome.adapter_path, trained_at)
@@ -307,14 +303,7 @@ class TrainService:
         async def diagnose_run(params: DiagnoseParams, ctx: CallContext) -> Diagnosis:
             runtime = self.fleet.get(params.cluster)
 
-            def work() -> Diagnosis:
-                path = eval_dir(runtime, params.tag) / RESULTS_FILE
-                if not path.exists():
-                    raise NotFound(f"no eval {params.tag!r} in cluster {params.cluster}", data={"tag": params.tag})
-                return diagnose(params.cluster, params.tag, read_results(path),
-                                near_miss_margin=max(runtime.cluster.config.training.near_miss_margin, 0.05))
-
-            return await anyio.to_thread.run_sync(work)
+            return await anyio.to_thread.run_sync(diagnose_eval, runtime, params.tag)
 
         table.add("train.start", TrainStartParams, train_start, "Start GRPO on an eval's core failures.")
         table.add("train.status", TrainJobRef, train_status, "Progress and metric history of a training job.")
