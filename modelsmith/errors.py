@@ -1,15 +1,17 @@
 """The one error root of Modelsmith, with stable codes.
 
 Every error that can reach a client is a :class:`ModelsmithError`; its ``code`` is the contract,
-its message is for people. The rpc layer maps these to the wire in exactly one function
-(:func:`modelsmith.rpc.errors.error_to_wire`); foreign exceptions are wrapped where they enter.
+its message is for people. Every error that crosses a boundary (the wire, the ledger, MCP, the
+CLI's JSON) is shaped by one function, :func:`error_envelope`; the rpc layer's
+:func:`modelsmith.rpc.errors.error_to_wire` derives from it. Foreign exceptions are wrapped where
+they enter. Each code is declared by exactly one class (:func:`error_class_for_code`).
 
 This module imports only the standard library: the CLI uses it on its hot path.
 
 Exception tree::
 
-    ModelsmithError
-    ├── ProtocolError                  JSON-RPC's own codes
+    ModelsmithError                     1000  the root; also what an unknown code reads back as
+    ├── ProtocolError                  JSON-RPC's own codes (a family: reads back as InvalidRequest)
     │   ├── ParseError                 -32700  bytes that are not a JSON-RPC message
     │   ├── InvalidRequest             -32600  a message that is not a valid request
     │   ├── MethodNotFound             -32601
@@ -31,6 +33,7 @@ Exception tree::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -139,22 +142,45 @@ class DaemonUnreachable(ModelsmithError):
     name = "daemon_unreachable"
 
 
-def _all_error_classes() -> list[type[ModelsmithError]]:
+def _error_classes() -> list[type[ModelsmithError]]:
+    """Every class of the tree that exists now, the root first."""
     seen: list[type[ModelsmithError]] = []
     stack: list[type[ModelsmithError]] = [ModelsmithError]
     while stack:
         cls = stack.pop()
         seen.append(cls)
-        stack.extend(cls.__subclasses__())
+        stack.extend(reversed(cls.__subclasses__()))
     return seen
 
 
+def registered_codes(classes: Iterable[type[ModelsmithError]]) -> dict[int, type[ModelsmithError]]:
+    """Code -> the one class that declares it.
+
+    A class registers its code by declaring ``code`` in its own body; a subclass that only renames
+    (say ``IllegalTransition(ConflictError)``) travels as its parent's code. ``ProtocolError`` is
+    the family of JSON-RPC's codes, not a code of its own: it reads back as ``InvalidRequest``.
+    Two classes declaring one code is a bug: :class:`RuntimeError` names both.
+    """
+    table: dict[int, type[ModelsmithError]] = {}
+    for cls in classes:
+        if "code" not in vars(cls) or cls is ProtocolError:
+            continue
+        other = table.setdefault(cls.code, cls)
+        if other is not cls:
+            raise RuntimeError(f"error code {cls.code} is declared by both {other.__name__} and {cls.__name__}")
+    return table
+
+
+# Built once, from the tree drawn in the module docstring.
+_CLASS_FOR_CODE: dict[int, type[ModelsmithError]] = registered_codes(_error_classes())
+
+
 def error_class_for_code(code: int) -> type[ModelsmithError]:
-    """The most specific class registered for ``code`` (clients rebuild typed errors with it)."""
-    for cls in _all_error_classes():
-        if cls.code == code and cls is not ProtocolError:
-            return cls
-    return ModelsmithError
+    """The exact class that declares ``code`` (clients rebuild typed errors with it).
+
+    An unknown code (from a newer daemon, say) gives the root :class:`ModelsmithError`.
+    """
+    return _CLASS_FOR_CODE.get(code, ModelsmithError)
 
 
 def error_envelope(exc: BaseException) -> dict[str, Any]:

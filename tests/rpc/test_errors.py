@@ -6,7 +6,13 @@ import msgspec
 import pytest
 
 from modelsmith import errors
-from modelsmith.errors import ModelsmithError, error_class_for_code
+from modelsmith.errors import (
+    InvalidRequest,
+    ModelsmithError,
+    ProtocolError,
+    error_class_for_code,
+    error_envelope,
+)
 from modelsmith.rpc.errors import error_from_wire, error_to_wire
 from modelsmith.rpc.protocol import (
     DEFAULT_MAX_FRAME,
@@ -50,16 +56,44 @@ def test_no_two_error_classes_share_a_code_except_the_protocol_base() -> None:
     assert len(codes) == len(set(codes))
 
 
-@pytest.mark.parametrize("class_name", sorted(STABLE_CODES))
-def test_an_error_comes_back_from_the_wire_as_its_own_class_with_its_data(class_name: str) -> None:
-    cls: type[ModelsmithError] = getattr(errors, class_name)
-    original = cls("what went wrong", data={"field": "thresholds.composite", "file": "/h/c.toml"})
+def every_declared_class() -> list[type[ModelsmithError]]:
+    """The classes of modelsmith/errors.py that declare a code, the root included."""
+    return [cls for cls in vars(errors).values()
+            if isinstance(cls, type) and issubclass(cls, ModelsmithError)
+            and cls is not ProtocolError]
+
+
+def test_the_documented_codes_are_all_the_declared_ones() -> None:
+    declared = {cls.__name__ for cls in every_declared_class()} - {"ModelsmithError"}
+    assert declared == set(STABLE_CODES)
+
+
+@pytest.mark.parametrize("cls", every_declared_class(), ids=lambda cls: cls.__name__)
+def test_an_error_comes_back_from_the_wire_as_its_own_class_name_and_data(
+    cls: type[ModelsmithError],
+) -> None:
+    detail = {"field": "thresholds.composite", "file": "/h/c.toml", "limits": [1, 2]}
+    original = cls("what went wrong", data=detail)
+    envelope = error_envelope(original)
     wire = msgspec.json.decode(msgspec.json.encode(error_to_wire(original)), type=ErrorObject)
-    assert wire.data is not None and wire.data["name"] == cls.name
+    assert (wire.code, wire.message) == (envelope["code"], envelope["message"])
+    assert wire.data == {"name": envelope["name"], **envelope["data"]}
     again = error_from_wire(wire)
     assert type(again) is cls
-    assert again.code == cls.code
-    assert again.data == {"field": "thresholds.composite", "file": "/h/c.toml"}
+    assert (again.code, again.name, again.message) == (cls.code, cls.name, "what went wrong")
+    assert again.data == detail
+    assert error_envelope(again) == envelope
+
+
+def test_a_protocol_error_reads_back_as_invalid_request_with_the_same_code() -> None:
+    again = error_from_wire(error_to_wire(ProtocolError("the daemon answered without an id")))
+    assert type(again) is InvalidRequest
+    assert again.code == ProtocolError.code
+
+
+def test_the_name_on_the_wire_is_the_errors_own_even_if_its_data_has_one() -> None:
+    wire = error_to_wire(errors.NotFound("gone", data={"name": "job-7", "job_id": "7"}))
+    assert wire.data == {"name": "not_found", "job_id": "7"}
 
 
 def test_a_foreign_exception_is_an_internal_error_that_hides_its_text() -> None:
