@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from modelsmith.errors import InvalidParams, MethodNotFound
-
-if TYPE_CHECKING:
-    from modelsmith.rpc.server import CallContext
+from modelsmith.rpc.context import CallContext
 
 P = TypeVar("P", bound=msgspec.Struct)
 R = TypeVar("R")
@@ -34,7 +32,7 @@ class Empty(QueryParams):
     pass
 
 
-Handler = Callable[[Any, "CallContext"], Awaitable[Any]]
+Handler = Callable[[Any, CallContext], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -25,7 +25,8 @@ import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from modelsmith.errors import InvalidRequest, ParseError
+from modelsmith.errors import InternalError, InvalidRequest, ParseError
+from modelsmith.rpc.context import CallContext
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.errors import error_to_wire
 from modelsmith.rpc.peercred import PeerCredentials, PeerPolicy, peer_credentials
@@ -41,6 +42,10 @@ from modelsmith.rpc.protocol import (
     frame,
     frame_length,
 )
+
+# CallContext lives in modelsmith.rpc.context; it is re-exported here for the handlers that
+# import it from this module.
+__all__ = ["REPLY_SEND_TIMEOUT_S", "CallContext", "Connection", "RpcServer", "ServerLimits"]
 
 log = structlog.get_logger("modelsmith.rpc")
 
@@ -66,7 +71,8 @@ class ServerLimits:
 
 
 class Connection:
-    """One client connection. Handlers reach it through :class:`CallContext`."""
+    """One client connection. Handlers reach it through :class:`CallContext` (as a
+    :class:`~modelsmith.rpc.context.PeerConnection`)."""
 
     def __init__(
         self, stream: anyio.abc.SocketStream, peer: PeerCredentials, task_group: anyio.abc.TaskGroup
@@ -156,15 +162,6 @@ class Connection:
                 self.subscriptions -= 1
 
         self._task_group.start_soon(runner)
-
-
-@dataclass(slots=True)
-class CallContext:
-    """What a handler may know about its caller and do on its connection."""
-
-    peer: PeerCredentials
-    connection: Connection
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class RpcServer:
@@ -299,7 +296,7 @@ class RpcServer:
             return encoder.encode(Response(id=request_id, result=msgspec.Raw(encoder.encode(result))))
         except Exception as exc:  # the one place every failure becomes a wire error
             error: ErrorObject = error_to_wire(exc)
-            if error.code == -32603:
+            if error.code == InternalError.code:
                 log.exception("internal error in RPC handler", request_id=request_id)
             if is_notification:
                 # JSON-RPC: a notification never gets a reply, not even an error. (An error with
