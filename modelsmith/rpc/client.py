@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from modelsmith.errors import DaemonUnreachable, ProtocolError
+from modelsmith.errors import DaemonUnreachable, InternalError, ProtocolError
 from modelsmith.rpc.address import resolve_socket_path
 from modelsmith.rpc.errors import error_from_wire
 from modelsmith.rpc.protocol import (
@@ -36,6 +36,15 @@ _incoming = msgspec.json.Decoder(IncomingMessage)
 
 def _raw_or(raw: msgspec.Raw, default: bytes) -> msgspec.Raw:
     return raw if len(raw) else msgspec.Raw(default)
+
+
+def _decode_result(raw: msgspec.Raw, result_type: type[T], method: str) -> T:
+    """The result as ``result_type``; an answer of another shape is a typed error, not a crash."""
+    try:
+        return msgspec.json.decode(_raw_or(raw, b"null"), type=result_type)
+    except msgspec.ValidationError as exc:
+        raise InternalError(f"the daemon's answer to {method} has an unexpected shape: {exc}",
+                            data={"method": method}) from exc
 
 
 def _encode_request(method: str, params: Any, request_id: int | None) -> bytes:
@@ -119,7 +128,9 @@ class RpcClient:
     def call(self, method: str, params: Any = None, *, result_type: type[T] = Any) -> T:  # type: ignore[assignment]
         """Call ``method`` and return its result decoded as ``result_type``.
 
-        Notifications that arrive before the reply are kept for :meth:`notifications`.
+        An error reply raises its typed :class:`~modelsmith.errors.ModelsmithError`; a result of
+        another shape raises :class:`~modelsmith.errors.InternalError`. Notifications that arrive
+        before the reply are kept for :meth:`notifications`.
         """
         if self._sock is None:
             self.connect()
@@ -138,7 +149,7 @@ class RpcClient:
                     raise error_from_wire(msg.error)
                 if msg.id is None:
                     raise ProtocolError("the daemon answered without an id")
-                return msgspec.json.decode(_raw_or(msg.result, b"null"), type=result_type)
+                return _decode_result(msg.result, result_type, method)
         except OSError as exc:
             raise _unreachable(self.path, exc) from exc
 
@@ -175,6 +186,7 @@ class AsyncRpcClient:
         self.notices = receive
 
     async def call(self, method: str, params: Any = None, *, result_type: type[T] = Any) -> T:  # type: ignore[assignment]
+        """Like :meth:`RpcClient.call`; many calls may wait on one connection at once."""
         import anyio
 
         request_id = next(self._ids)
@@ -199,7 +211,7 @@ class AsyncRpcClient:
             )
         if msg.error is not None:
             raise error_from_wire(msg.error)
-        return msgspec.json.decode(_raw_or(msg.result, b"null"), type=result_type)
+        return _decode_result(msg.result, result_type, method)
 
     async def _reader(self) -> None:
         import anyio
