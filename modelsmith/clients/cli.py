@@ -1,92 +1,76 @@
 """``modelsmith``: the tiny CLI. A thin client of the daemon's socket.
 
-Its hot path imports only the standard library, msgspec and the RPC client; commands that need
-more (``daemon``, ``mcp``) import it inside their function.
-
-Exit codes (stable, documented in the README):
-    0  ok / gate passed          1  gate failed (eval, policy check)
-    2  usage error               3  daemon unreachable
-    4  refused by the daemon     5  the job failed or was cancelled
-  130  interrupted
+Its hot path imports only the standard library, msgspec, the RPC client and the wire Structs;
+commands that need more (``daemon``, ``mcp``, the offline verifiers) import it inside their
+function. What the commands share (the call, JSON output, the exit codes) is
+:mod:`modelsmith.clients.common`; the exit codes are :class:`~modelsmith.clients.common.ExitCode`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
-
-from modelsmith.clients import render
-from modelsmith.errors import DaemonUnreachable, ModelsmithError
-from modelsmith.rpc.client import RpcClient
-
-EXIT_OK = 0
-EXIT_GATE_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_REFUSED = 4
-EXIT_JOB_FAILED = 5
-EXIT_INTERRUPTED = 130
+from modelsmith.clients import (
+    commands_config,
+    commands_eval,
+    commands_loop,
+    commands_mcp,
+    commands_promote,
+    commands_train,
+    render,
+)
+from modelsmith.clients.common import ExitCode, call, emit_json, report_error
+from modelsmith.errors import ModelsmithError
+from modelsmith.rpc.schema.daemon import DaemonStatus, FleetStatus, PingResult
+from modelsmith.rpc.schema.jobs import JobList, JobSummary
 
 Command = Callable[[argparse.Namespace], int]
 
-
-def _to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)
-
-
-def emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(_to_builtins(value), indent=2, sort_keys=False) + "\n")
-
-
-def client(args: argparse.Namespace) -> RpcClient:
-    return RpcClient(args.socket, timeout=args.timeout)
-
-
-def call(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
-    with client(args) as rpc:
-        return rpc.call(method, params or {})
+# Each command module adds its commands to the parser: register(subparsers, add).
+COMMAND_MODULES = (commands_eval, commands_train, commands_promote, commands_mcp, commands_config,
+                   commands_loop)
 
 
 # -- commands ------------------------------------------------------------------------------
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    result = call(args, "daemon.ping")
+    result = call(args, "daemon.ping", {}, PingResult)
     if args.json:
         emit_json(result)
     else:
-        print(f"pong from modelsmith {result['version']} at {resolve_socket(args)}")
-    return EXIT_OK
+        print(f"pong from modelsmith {result.version} at {resolve_socket(args)}")
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     params = {"cluster": args.cluster} if args.cluster else {}
-    result = call(args, "fleet.status", params)
+    result = call(args, "fleet.status", params, FleetStatus)
     if args.json:
         emit_json(result)
     else:
         sys.stdout.write(render.fleet(result))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_daemon_status(args: argparse.Namespace) -> int:
-    result = call(args, "daemon.status")
+    result = call(args, "daemon.status", {}, DaemonStatus)
     if args.json:
         emit_json(result)
-        return EXIT_OK
+        return ExitCode.OK
     print(render.header("Modelsmith Daemon"))
-    for key in ("version", "pid", "home", "socket", "started_at", "clusters"):
-        print(render.kv(key, result[key]))
-    print(render.kv("uptime", render.duration(result["uptime_s"])))
-    for engine in result["engines"]:
-        print(render.kv("engine", f"{engine['name']}  {engine['state']}  {engine['model']}"))
-    print(render.kv("jobs", len(result["jobs"])))
-    return EXIT_OK
+    for key, value in (("version", result.version), ("pid", result.pid), ("home", result.home),
+                       ("socket", result.socket), ("started_at", result.started_at),
+                       ("clusters", result.clusters)):
+        print(render.kv(key, value))
+    print(render.kv("uptime", render.duration(result.uptime_s)))
+    for engine in result.engines:
+        print(render.kv("engine", f"{engine.name}  {engine.state}  {engine.model}"))
+    print(render.kv("jobs", len(result.jobs)))
+    return ExitCode.OK
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -106,25 +90,25 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.cluster:
         params["cluster"] = args.cluster
-    result = call(args, "job.list", params)
+    result = call(args, "job.list", params, JobList)
     if args.json:
         emit_json(result)
-        return EXIT_OK
+        return ExitCode.OK
     rows = [
-        (j["job_id"], j["kind"], j["cluster"], j["state"], f"{j['progress_done']}/{j['progress_total'] or '?'}", j["message"])
-        for j in result["jobs"]
+        (j.job_id, j.kind, j.cluster, j.state, f"{j.progress_done}/{j.progress_total or '?'}", j.message)
+        for j in result.jobs
     ]
     sys.stdout.write(render.table(rows, ["job", "kind", "cluster", "state", "progress", "message"]))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_job_cancel(args: argparse.Namespace) -> int:
-    result = call(args, "job.cancel", {"job_id": args.job_id})
+    result = call(args, "job.cancel", {"job_id": args.job_id}, JobSummary)
     if args.json:
         emit_json(result)
     else:
-        print(f"cancel requested for job {result['job_id']} ({result['kind']}, {result['cluster']})")
-    return EXIT_OK
+        print(f"cancel requested for job {result.job_id} ({result.kind}, {result.cluster})")
+    return ExitCode.OK
 
 
 def resolve_socket(args: argparse.Namespace) -> str:
@@ -134,20 +118,6 @@ def resolve_socket(args: argparse.Namespace) -> str:
 
 
 # -- parser --------------------------------------------------------------------------------
-
-
-def command_modules() -> list[Callable[[Any, Callable[..., argparse.ArgumentParser]], None]]:
-    from modelsmith.clients import (
-        commands_config,
-        commands_eval,
-        commands_loop,
-        commands_mcp,
-        commands_promote,
-        commands_train,
-    )
-
-    return [commands_eval.register, commands_train.register, commands_promote.register,
-            commands_mcp.register, commands_config.register, commands_loop.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cancel", cmd_job_cancel, "cancel a job")
     p.add_argument("job_id")
 
-    for register in command_modules():
-        register(sub, add)
+    for module in COMMAND_MODULES:
+        module.register(sub, add)
     return parser
 
 
@@ -202,20 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
-        return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+        return ExitCode.USAGE if exc.code not in (0, None) else ExitCode.OK
     try:
         code: int = args.fn(args)
         return code
-    except DaemonUnreachable as exc:
-        print(f"modelsmith: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
     except ModelsmithError as exc:
-        if getattr(args, "json", False):
-            emit_json({"error": {"code": exc.code, "name": exc.name, "message": exc.message, "data": exc.data}})
-        print(f"modelsmith: {exc} [{exc.name} {exc.code}]", file=sys.stderr)
-        return EXIT_REFUSED
+        return report_error(exc, as_json=getattr(args, "json", False))
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from modelsmith.clients.common import ExitCode
+
 
 def config_reference() -> str:
     """Markdown reference of cluster.toml and modelsmith.toml from the pydantic models."""
@@ -44,14 +46,14 @@ def config_reference() -> str:
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "docs":
         print(config_reference())
-        return 0
+        return ExitCode.OK
     from modelsmith.daemon.config import DaemonConfig
     from modelsmith.loop.cluster.config import ClusterConfig
 
     schema: dict[str, Any] = {"cluster.toml": ClusterConfig.model_json_schema(),
                               "modelsmith.toml": DaemonConfig.model_json_schema()}
     print(json.dumps(schema, indent=2))
-    return 0
+    return ExitCode.OK
 
 
 def register(sub: Any, add: Any) -> None:

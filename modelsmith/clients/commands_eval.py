@@ -7,47 +7,41 @@ import sys
 from typing import Any
 
 from modelsmith.clients import render
+from modelsmith.clients.common import ExitCode, call, emit_json
 from modelsmith.clients.watch import follow_job
-
-EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_REFUSED, EXIT_JOB_FAILED = 0, 1, 2, 4, 5
-
-
-def _call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
-    from modelsmith.clients.cli import call
-
-    return call(args, method, params)
-
-
-def _emit_json(value: Any) -> None:
-    from modelsmith.clients.cli import emit_json
-
-    emit_json(value)
+from modelsmith.rpc.schema.evals import (
+    EvalComparison,
+    EvalResults,
+    EvalStarted,
+    EvalSummary,
+    ScenarioSets,
+)
 
 
-def eval_block(summary: dict[str, Any]) -> str:
-    g = summary["gates"]
-    sets = ", ".join(sorted(summary["scenario_sets"])) or "—"
-    kind = "quick, " if summary["quick"] else ""
-    reg = summary["regressions"]
+def eval_block(summary: EvalSummary) -> str:
+    g = summary.gates
+    sets = ", ".join(sorted(summary.scenario_sets)) or "—"
+    kind = "quick, " if summary.quick else ""
+    reg = summary.regressions
     lines = [
         render.header("Modelsmith Eval"),
-        render.kv("cluster", summary["cluster"]),
-        render.kv("model", summary["model"]),
-        render.kv("iteration", summary["iteration"]),
-        render.kv("adapter", summary["adapter"] or "base"),
-        render.kv("tag", summary["tag"]),
-        render.kv("scenarios", f"{summary['scored']} ({kind}{summary['type'].replace('_', '-')}: {sets})"),
+        render.kv("cluster", summary.cluster),
+        render.kv("model", summary.model),
+        render.kv("iteration", summary.iteration),
+        render.kv("adapter", summary.adapter or "base"),
+        render.kv("tag", summary.tag),
+        render.kv("scenarios", f"{summary.scored} ({kind}{summary.type.replace('_', '-')}: {sets})"),
         "",
-        render.gate("composite", g["composite"]["value"], g["composite"]["threshold"], g["composite"]["passed"]),
+        render.gate("composite", g["composite"].value, g["composite"].threshold, g["composite"].passed),
     ]
-    if summary["type"] != "core":
-        lines.append(render.gate("held_out", g["held_out"]["value"], g["held_out"]["threshold"], g["held_out"]["passed"]))
-    lines.append(render.kv("regressions", f"{reg['count']} / {reg['compared']}"
-                           + (f"  (vs {reg['baseline_tag']})" if reg["baseline_tag"] else "")))
-    if summary["judge_errors"]:
-        lines.append(render.kv("judge errors", summary["judge_errors"]))
-    lines.append(render.kv("duration", render.duration(summary["duration_s"])))
-    lines.append(render.kv("result", "PASS" if summary["passed"] else "FAIL"))
+    if summary.type != "core":
+        lines.append(render.gate("held_out", g["held_out"].value, g["held_out"].threshold, g["held_out"].passed))
+    lines.append(render.kv("regressions", f"{reg.count} / {reg.compared}"
+                           + (f"  (vs {reg.baseline_tag})" if reg.baseline_tag else "")))
+    if summary.judge_errors:
+        lines.append(render.kv("judge errors", summary.judge_errors))
+    lines.append(render.kv("duration", render.duration(summary.duration_s)))
+    lines.append(render.kv("result", "PASS" if summary.passed else "FAIL"))
     return "\n".join(lines) + "\n"
 
 
@@ -56,40 +50,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for key in ("tag", "workers", "domain", "adapter"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
-    started = _call(args, "eval.run", params)
+    started = call(args, "eval.run", params, EvalStarted)
     if args.no_wait:
-        _emit_json(started) if args.json else print(f"eval job {started['jobId']} started: {started['tag']}")
-        return EXIT_OK
-    job = follow_job(args.socket, started["jobId"], timeout=None)
-    if job["state"] != "succeeded":
-        err = job.get("error") or {}
+        emit_json(started) if args.json else print(f"eval job {started.job_id} started: {started.tag}")
+        return ExitCode.OK
+    job = follow_job(args.socket, started.job_id, timeout=None)
+    if job.state != "succeeded":
+        err = job.error or {}
         if args.json:
-            _emit_json({"job": job})
-        print(f"modelsmith: eval {started['tag']} {job['state']}: {err.get('message', '')}", file=sys.stderr)
-        return EXIT_JOB_FAILED
-    summary = _call(args, "eval.summary", {"cluster": args.cluster, "tag": started["tag"]})
+            emit_json({"job": job})
+        print(f"modelsmith: eval {started.tag} {job.state}: {err.get('message', '')}", file=sys.stderr)
+        return ExitCode.JOB_FAILED
+    summary = call(args, "eval.summary", {"cluster": args.cluster, "tag": started.tag}, EvalSummary)
     if args.json:
-        _emit_json(summary)
+        emit_json(summary)
     else:
         sys.stdout.write(eval_block(summary))
-    return EXIT_OK if summary["passed"] else EXIT_GATE_FAILED
+    return ExitCode.OK if summary.passed else ExitCode.GATE_FAILED
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    result = _call(args, "eval.results", {"cluster": args.cluster, "tag": args.tag, "failed_only": not args.all,
-                                          "offset": args.offset, "limit": args.limit})
+    result = call(args, "eval.results", {"cluster": args.cluster, "tag": args.tag, "failed_only": not args.all,
+                                         "offset": args.offset, "limit": args.limit}, EvalResults)
     if args.json:
-        _emit_json(result)
-        return EXIT_OK
-    print(f"\n  {result['total']} {'results' if args.all else 'failed scenarios'} in {args.tag}\n")
-    for r in result["results"]:
-        print(f"  {r['scenario_id']}  [{r['set']}]  score {r['score']:.3f}  {'PASS' if r['passed'] else 'FAIL'}")
-        for c in r["criteria"]:
-            mark = "ok " if c["passed"] else "x  "
-            print(f"      {mark}{c['type']:<13}{c['score']:.2f}  {c.get('error_kind') or ''}  {c['detail']}")
-        print(f"      response:  {_clip(r['response'])}")
-        print(f"      reference: {_clip(r['reference'] or '')}\n")
-    return EXIT_OK
+        emit_json(result)
+        return ExitCode.OK
+    print(f"\n  {result.total} {'results' if args.all else 'failed scenarios'} in {args.tag}\n")
+    for r in result.results:
+        print(f"  {r.scenario_id}  [{r.set}]  score {r.score:.3f}  {'PASS' if r.passed else 'FAIL'}")
+        for c in r.criteria:
+            mark = "ok " if c.passed else "x  "
+            print(f"      {mark}{c.type:<13}{c.score:.2f}  {c.error_kind or ''}  {c.detail}")
+        print(f"      response:  {_clip(r.response)}")
+        print(f"      reference: {_clip(r.reference or '')}\n")
+    return ExitCode.OK
 
 
 def _clip(text: str, n: int = 100) -> str:
@@ -98,45 +92,45 @@ def _clip(text: str, n: int = 100) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    result = _call(args, "eval.compare", {"cluster": args.cluster, "a": args.a, "b": args.b})
+    result = call(args, "eval.compare", {"cluster": args.cluster, "a": args.a, "b": args.b}, EvalComparison)
     if args.json:
-        _emit_json(result)
-        return EXIT_OK
+        emit_json(result)
+        return ExitCode.OK
     print(render.header(f"Compare {args.a} → {args.b}"))
-    print(render.kv("composite", f"{result['composite_a']:.3f} → {result['composite_b']:.3f}  ({result['composite_delta']:+.3f})"))
-    if result["held_out_a"] is not None and result["held_out_b"] is not None:
-        print(render.kv("held_out", f"{result['held_out_a']:.3f} → {result['held_out_b']:.3f}"))
-    print(render.kv("fixed", result["fixed"]))
-    print(render.kv("regressed", result["regressed"]))
-    print(render.kv("unchanged", result["unchanged"]))
-    changed = [s for s in result["scenarios"] if s["status"] in ("fixed", "regressed")]
+    print(render.kv("composite", f"{result.composite_a:.3f} → {result.composite_b:.3f}  ({result.composite_delta:+.3f})"))
+    if result.held_out_a is not None and result.held_out_b is not None:
+        print(render.kv("held_out", f"{result.held_out_a:.3f} → {result.held_out_b:.3f}"))
+    print(render.kv("fixed", result.fixed))
+    print(render.kv("regressed", result.regressed))
+    print(render.kv("unchanged", result.unchanged))
+    changed = [s for s in result.scenarios if s.status in ("fixed", "regressed")]
     if changed:
         print()
-        sys.stdout.write(render.table([(s["scenario_id"], s["set"], s["status"], f"{s['score_a']:.2f}", f"{s['score_b']:.2f}",
-                                        f"{s['delta']:+.2f}") for s in changed],
+        sys.stdout.write(render.table([(s.scenario_id, s.set, s.status, f"{s.score_a:.2f}", f"{s.score_b:.2f}",
+                                        f"{s.delta:+.2f}") for s in changed],
                                       ["scenario", "set", "status", "a", "b", "delta"]))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
     method = "scenarios.verify" if args.action == "verify" else "scenarios.list"
-    result = _call(args, method, {"cluster": args.cluster})
+    result = call(args, method, {"cluster": args.cluster}, ScenarioSets)
     if args.json:
-        _emit_json(result)
+        emit_json(result)
     else:
-        rows = [(s["name"], s["count"], s["version"][:16], "yes" if s["recorded_version"] == s["version"] else "no")
-                for s in result["sets"]]
+        rows = [(s.name, s.count, s.version[:16], "yes" if s.recorded_version == s.version else "no")
+                for s in result.sets]
         sys.stdout.write(render.table(rows, ["set", "scenarios", "version", "in ledger"]))
-        if result["changed"]:
-            print(f"  new set versions recorded: {', '.join(result['changed'])}")
-        if result["error"]:
-            print(f"  error: {result['error']['message']}", file=sys.stderr)
-    return EXIT_OK if result["ok"] else EXIT_REFUSED
+        if result.changed:
+            print(f"  new set versions recorded: {', '.join(result.changed)}")
+        if result.error:
+            print(f"  error: {result.error['message']}", file=sys.stderr)
+    return ExitCode.OK if result.ok else ExitCode.REFUSED
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     """Runs locally on the files (works with the daemon down)."""
-    from modelsmith.errors import ModelsmithError
+    from modelsmith.errors import ModelsmithError, error_envelope
     from modelsmith.loop.promotion.record_files import verify_cluster_records
     from modelsmith.loop.records.ledger import verify_file
     from modelsmith.rpc.address import resolve_home
@@ -156,8 +150,9 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
                 "detail": report.problem,
             }
         except ModelsmithError as exc:
+            error = error_envelope(exc)
             entry = {"cluster": root.name, "ok": False, "entries": None, "torn_tail": False,
-                     "problem": exc.message, "code": exc.code, "data": exc.data}
+                     "problem": error["message"], "code": error["code"], "data": error["data"]}
         records = verify_cluster_records(root)
         if records:
             entry["ok"] = False
@@ -165,7 +160,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
         ok = ok and entry["ok"]
         reports.append(entry)
     if args.json:
-        _emit_json({"ok": ok, "clusters": reports})
+        emit_json({"ok": ok, "clusters": reports})
     else:
         for r in reports:
             state = "OK" if r["ok"] else "FAILED"
@@ -174,7 +169,7 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
                 print(f"      {problem}")
         if not reports:
             print(f"  no ledgers under {home}")
-    return EXIT_OK if ok else EXIT_GATE_FAILED
+    return ExitCode.OK if ok else ExitCode.GATE_FAILED
 
 
 def register(sub: Any, add: Any) -> None:

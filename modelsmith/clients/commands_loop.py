@@ -7,27 +7,27 @@ import sys
 from typing import Any
 
 from modelsmith.clients import render
+from modelsmith.clients.common import ExitCode, call, emit_json, usage_error
+from modelsmith.rpc.schema.loop import LoopStatus, LoopStatuses
 
 
 def cmd_loop(args: argparse.Namespace) -> int:
-    from modelsmith.clients.cli import call, emit_json
-
+    result: LoopStatus | LoopStatuses
     if args.action == "status":
-        result = call(args, "loop.status", {"cluster": args.cluster} if args.cluster else {})
-        loops = result["loops"]
+        result = call(args, "loop.status", {"cluster": args.cluster} if args.cluster else {}, LoopStatuses)
+        loops = result.loops
     else:
         if not args.cluster:
-            print(f"modelsmith: loop {args.action} needs a CLUSTER", file=sys.stderr)
-            return 2
-        loops = [call(args, f"loop.{args.action}", {"cluster": args.cluster})]
-        result = loops[0]
+            return usage_error(f"loop {args.action} needs a CLUSTER")
+        result = call(args, f"loop.{args.action}", {"cluster": args.cluster}, LoopStatus)
+        loops = [result]
     if args.json:
         emit_json(result)
-        return 0
-    rows = [(s["cluster"], s["state"], "yes" if s["active"] else "no", s["run"]["iterations"],
-             s["current_job"] or "—", s["reason"]) for s in loops]
+        return ExitCode.OK
+    rows = [(s.cluster, s.state, "yes" if s.active else "no", s.run["iterations"],
+             s.current_job or "—", s.reason) for s in loops]
     sys.stdout.write(render.table(rows, ["cluster", "state", "running", "iterations", "job", "reason"]))
-    return 0
+    return ExitCode.OK
 
 
 def register(sub: Any, add: Any) -> None:

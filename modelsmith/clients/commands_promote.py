@@ -9,39 +9,39 @@ approval helpers: nothing heavy on this path.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelsmith.errors import GateFailed
+import msgspec
 
-EXIT_OK, EXIT_GATE_FAILED, EXIT_REFUSED = 0, 1, 4
+from modelsmith.clients import render
+from modelsmith.clients.common import ExitCode, call, emit_error_json, emit_json
+from modelsmith.errors import GateFailed
+from modelsmith.rpc.schema.promotion import (
+    BundleExported,
+    PolicyCheck,
+    PolicyReport,
+    PromotionDecided,
+    PromotionHistory,
+    PromotionRequested,
+    PromotionView,
+    RollbackDone,
+)
 
 KEY_ENV = "MODELSMITH_APPROVAL_KEY"
 DEFAULT_KEY = "~/.ssh/id_ed25519"
-
-
-def _call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
-    from modelsmith.clients.cli import call
-
-    return call(args, method, params)
-
-
-def _emit_json(value: Any) -> None:
-    from modelsmith.clients.cli import emit_json
-
-    emit_json(value)
 
 
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value * 100:.1f}%"
 
 
-def _check_lines(checks: list[dict[str, Any]]) -> list[str]:
-    width = max((len(c["check"]) for c in checks), default=10) + 2
-    return [f"    {'PASS' if c['passed'] else 'FAIL'}  {c['check']:<{width}}{c['detail']}"
+def _check_lines(checks: Sequence[PolicyCheck]) -> list[str]:
+    width = max((len(c.check) for c in checks), default=10) + 2
+    return [f"    {'PASS' if c.passed else 'FAIL'}  {c.check:<{width}}{c.detail}"
             for c in checks]
 
 
@@ -52,41 +52,41 @@ def cmd_policy(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"cluster": args.cluster}
     if args.eval:
         params["eval_tag"] = args.eval
-    report = _call(args, "policy.check", params)
+    report = call(args, "policy.check", params, PolicyReport)
     if args.json:
-        _emit_json(report)
+        emit_json(report)
     else:
-        failed = sum(not c["passed"] for c in report["checks"])
-        print(f"\n  Policy check  ·  {report['cluster']}")
-        print(f"    Adapter:   {report['adapter'] or '—'}   Eval tag: {report['eval_tag'] or '—'}")
-        print(f"    Composite: {_pct(report['composite'])}   Held-out: {_pct(report['held_out'])}")
-        print("\n".join(_check_lines(report["checks"])))
-        verdict = "PASS" if report["passed"] else f"FAIL ({failed} of {len(report['checks'])} " \
+        failed = sum(not c.passed for c in report.checks)
+        print(f"\n  Policy check  ·  {report.cluster}")
+        print(f"    Adapter:   {report.adapter or '—'}   Eval tag: {report.eval_tag or '—'}")
+        print(f"    Composite: {_pct(report.composite)}   Held-out: {_pct(report.held_out)}")
+        print("\n".join(_check_lines(report.checks)))
+        verdict = "PASS" if report.passed else f"FAIL ({failed} of {len(report.checks)} " \
             "checks failed)"
         print(f"  Result: {verdict}")
-    return EXIT_OK if report["passed"] else EXIT_GATE_FAILED
+    return ExitCode.OK if report.passed else ExitCode.GATE_FAILED
 
 
-def promote_block(result: dict[str, Any]) -> str:
+def promote_block(result: PromotionRequested) -> str:
     """The issue's ``modelsmith promote`` output, then how a human approves."""
     lines = [
         "  Promotion request",
-        f"    Cluster:   {result['cluster']}",
-        f"    Model:     {result['model']}",
-        f"    Iteration: {result['iteration']}",
-        f"    Composite: {_pct(result['composite'])}",
-        f"    Eval tag:  {result['eval_tag']}",
-        f"    Adapter:   {result['adapter_path']}",
+        f"    Cluster:   {result.cluster}",
+        f"    Model:     {result.model}",
+        f"    Iteration: {result.iteration}",
+        f"    Composite: {_pct(result.composite)}",
+        f"    Eval tag:  {result.eval_tag}",
+        f"    Adapter:   {result.adapter_path}",
         "  Promotion record written.",
-        f"    Directory: {result['directory']}",
-        f"    Latest:    {result['file']}",
+        f"    Directory: {result.directory}",
+        f"    Latest:    {result.file}",
         "",
-        f"  Awaiting approval by {result['required_approvals']} reviewer(s). A reviewer approves "
+        f"  Awaiting approval by {result.required_approvals} reviewer(s). A reviewer approves "
         "with their own SSH key:",
-        f"    {result['approve_command']}",
+        f"    {result.approve_command}",
         "  or rejects it:",
-        f"    {result['reject_command']}",
-        f"  Evidence bundle: modelsmith bundle {result['cluster']} {result['request_id']}",
+        f"    {result.reject_command}",
+        f"  Evidence bundle: modelsmith bundle {result.cluster} {result.request_id}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -98,37 +98,33 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.note:
         params["note"] = args.note
     try:
-        result = _call(args, "promote.request", params)
+        result = call(args, "promote.request", params, PromotionRequested)
     except GateFailed as exc:
         if args.json:
-            _emit_json({"error": {"code": exc.code, "name": exc.name, "message": exc.message,
-                                  "data": exc.data}})
+            emit_error_json(exc)
         else:
             print(f"  Promotion refused: the policy gate failed for {args.cluster}")
-            checks = exc.data.get("checks", [])
-            print("\n".join(_check_lines([c for c in checks if not c["passed"]])))
-        return EXIT_GATE_FAILED
+            checks = msgspec.convert(exc.data.get("checks", []), list[PolicyCheck])
+            print("\n".join(_check_lines([c for c in checks if not c.passed])))
+        return ExitCode.GATE_FAILED
     if args.json:
-        _emit_json(result)
+        emit_json(result)
     else:
         sys.stdout.write(promote_block(result))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_promotions(args: argparse.Namespace) -> int:
-    history = _call(args, "promote.history", {"cluster": args.cluster})
+    history = call(args, "promote.history", {"cluster": args.cluster}, PromotionHistory)
     if args.json:
-        _emit_json(history)
-        return EXIT_OK
-    from modelsmith.clients import render
-
-    print(f"\n  Promotions  ·  {history['cluster']}   champion: {history['champion'] or 'base'}")
-    rows = [(r["request_id"], r["status"], r["adapter"], r["eval_tag"], r["requested_at"])
-            for r in history["requests"]]
+        emit_json(history)
+        return ExitCode.OK
+    print(f"\n  Promotions  ·  {history.cluster}   champion: {history.champion or 'base'}")
+    rows = [(r.request_id, r.status, r.adapter, r.eval_tag, r.requested_at) for r in history.requests]
     sys.stdout.write(render.table(rows, ["request", "status", "adapter", "eval", "requested"]))
-    if history["rollback_default"] is not None:
-        print(f"  rollback target: iteration {history['rollback_default']}")
-    return EXIT_OK
+    if history.rollback_default is not None:
+        print(f"  rollback target: iteration {history.rollback_default}")
+    return ExitCode.OK
 
 
 # -- signing decisions ---------------------------------------------------------------------------
@@ -146,15 +142,17 @@ def _sign(args: argparse.Namespace, statement: bytes) -> str:
 
 def _decide(args: argparse.Namespace, decision: str, reason: str) -> int:
     from modelsmith.errors import SignatureError
+    from modelsmith.hashing import sha256_hex
     from modelsmith.loop.records.approval import make_statement
 
-    view = _call(args, "promote.get", {"cluster": args.cluster, "request_id": args.request_id})
+    view = call(args, "promote.get", {"cluster": args.cluster, "request_id": args.request_id},
+                PromotionView)
     # Hash the bytes ourselves: the reviewer signs what they can see, not a digest they are told.
-    digest = hashlib.sha256(view["record_text"].encode("utf-8")).hexdigest()
-    if digest != view["sha256"]:
+    digest = sha256_hex(view.record_text.encode("utf-8"))
+    if digest != view.sha256:
         raise SignatureError("the request record does not match the digest in the ledger",
                              data={"reason": "tampered", "request_id": args.request_id})
-    record = view["record"]
+    record = view.record
     if not args.json:
         print(f"  {decision.capitalize()} {args.request_id} of {args.cluster}: "
               f"{record['adapter']['name']} (iteration {record['iteration']}), "
@@ -167,22 +165,21 @@ def _decide(args: argparse.Namespace, decision: str, reason: str) -> int:
                               "statement": statement.decode("utf-8"), "signature": signature}
     if args.principal:
         params["principal"] = args.principal
-    result = _call(args, "promote.decide", params)
+    result = call(args, "promote.decide", params, PromotionDecided)
     if args.json:
-        _emit_json(result)
-        return EXIT_OK
-    status = result["status"]
-    if status == "pending":
-        print(f"  Approval by {result['principal']} recorded: {len(result['approvals'])} of "
-              f"{result['required_approvals']} needed.")
-    elif status == "approved":
-        print(f"  Approved by {', '.join(result['approvals'])}. Champion: {result['champion']} "
-              f"(engine: {result['engine']}).")
-        print(f"    Decision record: {result['decision_file']}")
+        emit_json(result)
+        return ExitCode.OK
+    if result.status == "pending":
+        print(f"  Approval by {result.principal} recorded: {len(result.approvals)} of "
+              f"{result.required_approvals} needed.")
+    elif result.status == "approved":
+        print(f"  Approved by {', '.join(result.approvals)}. Champion: {result.champion} "
+              f"(engine: {result.engine}).")
+        print(f"    Decision record: {result.decision_file}")
     else:
-        print(f"  Rejected by {result['principal']}: {reason}")
-        print(f"    Decision record: {result['decision_file']}")
-    return EXIT_OK
+        print(f"  Rejected by {result.principal}: {reason}")
+        print(f"    Decision record: {result.decision_file}")
+    return ExitCode.OK
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -199,8 +196,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     to_iteration = args.to
     if to_iteration is None:
-        history = _call(args, "promote.history", {"cluster": args.cluster})
-        to_iteration = history["rollback_default"]
+        history = call(args, "promote.history", {"cluster": args.cluster}, PromotionHistory)
+        to_iteration = history.rollback_default
         if to_iteration is None:
             raise NotFound(f"{args.cluster} has no earlier approved iteration to roll back to",
                            data={"cluster": args.cluster})
@@ -211,14 +208,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                               "signature": _sign(args, statement)}
     if args.principal:
         params["principal"] = args.principal
-    result = _call(args, "promote.rollback", params)
+    result = call(args, "promote.rollback", params, RollbackDone)
     if args.json:
-        _emit_json(result)
+        emit_json(result)
     else:
-        print(f"  Rolled back {args.cluster}: champion {result['previous_champion'] or 'base'} "
-              f"-> {result['adapter'] or 'base'} (engine: {result['engine']}).")
-        print(f"    Record: {result['file']}")
-    return EXIT_OK
+        print(f"  Rolled back {args.cluster}: champion {result.previous_champion or 'base'} "
+              f"-> {result.adapter or 'base'} (engine: {result.engine}).")
+        print(f"    Record: {result.file}")
+    return ExitCode.OK
 
 
 # -- bundle ----------------------------------------------------------------------------------------
@@ -227,15 +224,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_bundle(args: argparse.Namespace) -> int:
     if args.target == "verify":
         return _bundle_verify(args, Path(args.second))
-    result = _call(args, "bundle.export", {"cluster": args.target, "request_id": args.second})
+    result = call(args, "bundle.export", {"cluster": args.target, "request_id": args.second},
+                  BundleExported)
     if args.json:
-        _emit_json(result)
+        emit_json(result)
     else:
-        print(f"  Evidence bundle written ({result['files']} files).")
-        print(f"    Open:    file://{result['html']}")
-        print(f"    Archive: {result['tarball']}")
-        print(f"    sha256:  {result['tarball_sha256']}")
-    return EXIT_OK
+        print(f"  Evidence bundle written ({result.files} files).")
+        print(f"    Open:    file://{result.html}")
+        print(f"    Archive: {result.tarball}")
+        print(f"    sha256:  {result.tarball_sha256}")
+    return ExitCode.OK
 
 
 def _bundle_verify(args: argparse.Namespace, path: Path) -> int:
@@ -249,14 +247,14 @@ def _bundle_verify(args: argparse.Namespace, path: Path) -> int:
         trusted = trusted_daemon_key(Path(args.home))
     problems = verify_bundle(path, trusted)
     if args.json:
-        _emit_json({"ok": not problems, "path": str(path), "problems": problems})
+        emit_json({"ok": not problems, "path": str(path), "problems": problems})
     elif problems:
         print(f"  Bundle {path}: FAILED")
         for problem in problems:
             print(f"    {problem}")
     else:
         print(f"  Bundle {path}: OK (every file matches MANIFEST)")
-    return EXIT_OK if not problems else EXIT_GATE_FAILED
+    return ExitCode.OK if not problems else ExitCode.GATE_FAILED
 
 
 def register(sub: Any, add: Any) -> None:

@@ -7,36 +7,25 @@ import sys
 from typing import Any
 
 from modelsmith.clients import render
+from modelsmith.clients.common import ExitCode, call, emit_json, usage_error
 from modelsmith.clients.watch import follow_job
-
-EXIT_OK, EXIT_JOB_FAILED = 0, 5
-
-
-def _call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
-    from modelsmith.clients.cli import call
-
-    return call(args, method, params)
+from modelsmith.rpc.schema.jobs import JobEvent, JobSummary
+from modelsmith.rpc.schema.train import Diagnosis, TrainStarted, TrainStatus
 
 
-def _emit_json(value: Any) -> None:
-    from modelsmith.clients.cli import emit_json
-
-    emit_json(value)
-
-
-def diagnosis_text(d: dict[str, Any]) -> str:
-    out = [render.header(f"Diagnosis of {d['tag']}"),
-           render.kv("cluster", d["cluster"]),
-           render.kv("failed", f"{d['failed']} / {d['scenarios']}"),
-           render.kv("near misses", d["near_misses"]), ""]
-    rows = [(p["pattern"], p["count"], f"{p['lost_score']:.2f}", ", ".join(list(p["tags"])[:3])) for p in d["patterns"]]
+def diagnosis_text(d: Diagnosis) -> str:
+    out = [render.header(f"Diagnosis of {d.tag}"),
+           render.kv("cluster", d.cluster),
+           render.kv("failed", f"{d.failed} / {d.scenarios}"),
+           render.kv("near misses", d.near_misses), ""]
+    rows = [(p.pattern, p.count, f"{p.lost_score:.2f}", ", ".join(list(p.tags)[:3])) for p in d.patterns]
     out.append(render.table(rows, ["pattern", "count", "lost", "top tags"]))
-    for p in d["patterns"][:5]:
-        out.append(f"  {p['pattern']}")
-        for ex in p["examples"]:
-            out.append(f"    {ex['scenario_id']}: {ex['detail']}")
-            out.append(f"      response:  {_clip(ex['response'])}")
-            out.append(f"      reference: {_clip(ex['reference'] or '')}")
+    for p in d.patterns[:5]:
+        out.append(f"  {p.pattern}")
+        for ex in p.examples:
+            out.append(f"    {ex.scenario_id}: {ex.detail}")
+            out.append(f"      response:  {_clip(ex.response)}")
+            out.append(f"      reference: {_clip(ex.reference or '')}")
     return "\n".join(out) + "\n"
 
 
@@ -46,12 +35,12 @@ def _clip(text: str, n: int = 90) -> str:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    result = _call(args, "diagnose.run", {"cluster": args.cluster, "tag": args.tag})
+    result = call(args, "diagnose.run", {"cluster": args.cluster, "tag": args.tag}, Diagnosis)
     if args.json:
-        _emit_json(result)
+        emit_json(result)
     else:
         sys.stdout.write(diagnosis_text(result))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _metric_line(m: dict[str, Any]) -> str:
@@ -66,58 +55,56 @@ def _metric_line(m: dict[str, Any]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.action == "start":
         if not args.cluster or not args.eval_tag:
-            print("modelsmith: train start needs --cluster and --eval-tag", file=sys.stderr)
-            return 2
+            return usage_error("train start needs --cluster and --eval-tag")
         overrides = {k: v for k, v in (("max_steps", args.max_steps), ("learning_rate", args.learning_rate)) if v is not None}
         params: dict[str, Any] = {"cluster": args.cluster, "eval_tag": args.eval_tag, "method": "grpo",
                                   "target": args.target}
         if overrides:
             params["overrides"] = overrides
-        started = _call(args, "train.start", params)
+        started = call(args, "train.start", params, TrainStarted)
         if args.no_wait:
-            _emit_json(started) if args.json else print(
-                f"training job {started['jobId']} queued for {started['cluster']} "
-                f"(iteration {started['iteration']}, ~{started['estimated_duration_minutes']} min)")
-            return EXIT_OK
-        job_id = started["jobId"]
+            emit_json(started) if args.json else print(
+                f"training job {started.job_id} queued for {started.cluster} "
+                f"(iteration {started.iteration}, ~{started.estimated_duration_minutes} min)")
+            return ExitCode.OK
+        job_id = started.job_id
         if not args.json:
-            print(f"  training job {job_id}: {started['scenarios']} core scenarios ({args.target}), "
-                  f"iteration {started['iteration']}, log {started['log']}")
+            print(f"  training job {job_id}: {started.scenarios} core scenarios ({args.target}), "
+                  f"iteration {started.iteration}, log {started.log}")
 
-        def on_event(event: Any) -> None:
+        def on_event(event: JobEvent) -> None:
             if event.kind == "metric" and not args.json:
                 print(_metric_line(event.data), flush=True)
             elif event.kind == "log" and event.data.get("event") == "stopped" and not args.json:
                 print(f"  stopped: {event.data['reason']} at step {event.data['step']} {event.data.get('detail', '')}")
 
         job = follow_job(args.socket, job_id, on_event=on_event, show_progress=False)
-        status = _call(args, "train.status", {"job_id": job_id})
+        status = call(args, "train.status", {"job_id": job_id}, TrainStatus)
     else:
         if not args.job_id:
-            print("modelsmith: train status|cancel needs a JOB_ID", file=sys.stderr)
-            return 2
+            return usage_error("train status|cancel needs a JOB_ID")
         if args.action == "cancel":
-            result = _call(args, "train.cancel", {"job_id": args.job_id})
-            _emit_json(result) if args.json else print(f"cancel requested for training job {args.job_id}")
-            return EXIT_OK
-        status = _call(args, "train.status", {"job_id": args.job_id})
-        job = status["job"]
+            result = call(args, "train.cancel", {"job_id": args.job_id}, JobSummary)
+            emit_json(result) if args.json else print(f"cancel requested for training job {args.job_id}")
+            return ExitCode.OK
+        status = call(args, "train.status", {"job_id": args.job_id}, TrainStatus)
+        job = status.job
     if args.json:
-        _emit_json(status)
+        emit_json(status)
     else:
-        print(render.kv("job", f"{job['job_id']}  {job['state']}"))
-        print(render.kv("progress", f"{job['progress_done']}/{job['progress_total']}"))
-        if status["stop_reason"]:
-            print(render.kv("stopped", status["stop_reason"]))
-        if status["adapter"]:
-            print(render.kv("adapter", status["adapter"]))
-        if status["follow_up_eval"]:
-            print(render.kv("follow-up", f"eval {status['follow_up_eval']['tag']} (job {status['follow_up_eval']['job_id']})"))
-        if job.get("error"):
-            print(render.kv("error", job["error"]["message"]))
-    if job["state"] in ("failed", "cancelled"):
-        return EXIT_JOB_FAILED
-    return EXIT_OK
+        print(render.kv("job", f"{job.job_id}  {job.state}"))
+        print(render.kv("progress", f"{job.progress_done}/{job.progress_total}"))
+        if status.stop_reason:
+            print(render.kv("stopped", status.stop_reason))
+        if status.adapter:
+            print(render.kv("adapter", status.adapter))
+        if status.follow_up_eval:
+            print(render.kv("follow-up", f"eval {status.follow_up_eval['tag']} (job {status.follow_up_eval['job_id']})"))
+        if job.error:
+            print(render.kv("error", job.error["message"]))
+    if job.state in ("failed", "cancelled"):
+        return ExitCode.JOB_FAILED
+    return ExitCode.OK
 
 
 def register(sub: Any, add: Any) -> None:

@@ -1,10 +1,13 @@
-"""Human-readable output of the CLI (the seed's layout). Standard library only."""
+"""Human-readable output of the CLI (the seed's layout). Standard library only at run time."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelsmith.rpc.schema.daemon import ClusterStatus, FleetStatus
 
 LABEL_WIDTH = 15
 
@@ -38,51 +41,49 @@ def duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
-def cluster_block(c: Mapping[str, Any]) -> list[str]:
+def cluster_block(c: ClusterStatus) -> list[str]:
     lines = [
-        kv("cluster", c["cluster"]),
-        kv("model", c["model"]),
-        kv("iteration", c["iteration"]),
+        kv("cluster", c.cluster),
+        kv("model", c.model),
+        kv("iteration", c.iteration),
         kv("scenarios", _scenario_line(c)),
-        kv("phase", c["phase"]),
+        kv("phase", c.phase),
     ]
-    if c.get("status_error"):
-        lines.append(kv("error", c["status_error"]))
+    if c.status_error:
+        lines.append(kv("error", c.status_error))
     lines.append("")
-    lines.append(gate("composite", c.get("composite"), c["composite_threshold"]))
-    lines.append(gate("held_out", c.get("held_out"), c["held_out_threshold"]))
-    if c.get("regressions") is not None:
-        lines.append(kv("regressions", f"{c['regressions']} / {c.get('regressions_total') or 0}"))
-    if c.get("last_eval_tag"):
-        lines.append(kv("last eval", c["last_eval_tag"]))
-    if c.get("champion"):
-        lines.append(kv("champion", c["champion"]))
-    if c.get("pending_promotion"):
-        lines.append(kv("awaiting", f"approval of {c['pending_promotion']}"))
+    lines.append(gate("composite", c.composite, c.composite_threshold))
+    lines.append(gate("held_out", c.held_out, c.held_out_threshold))
+    if c.regressions is not None:
+        lines.append(kv("regressions", f"{c.regressions} / {c.regressions_total or 0}"))
+    if c.last_eval_tag:
+        lines.append(kv("last eval", c.last_eval_tag))
+    if c.champion:
+        lines.append(kv("champion", c.champion))
+    if c.pending_promotion:
+        lines.append(kv("awaiting", f"approval of {c.pending_promotion}"))
     return lines
 
 
-def _scenario_line(c: Mapping[str, Any]) -> str:
-    sets = c.get("scenario_sets") or {}
-    if not sets:
-        return str(c.get("scenarios", 0))
-    return f"{c.get('scenarios', 0)} ({', '.join(sorted(sets))})"
+def _scenario_line(c: ClusterStatus) -> str:
+    if not c.scenario_sets:
+        return str(c.scenarios)
+    return f"{c.scenarios} ({', '.join(sorted(c.scenario_sets))})"
 
 
-def fleet(status: Mapping[str, Any]) -> str:
+def fleet(status: FleetStatus) -> str:
     out = [header("Modelsmith Fleet Status")]
-    clusters: Sequence[Mapping[str, Any]] = status.get("clusters", [])
-    if not clusters:
+    if not status.clusters:
         out.append("  no clusters found")
-    for i, c in enumerate(clusters):
+    for i, c in enumerate(status.clusters):
         if i:
             out.append("")
             out.append("  " + "─" * 40)
             out.append("")
         out.extend(cluster_block(c))
-    for err in status.get("errors", []):
+    for err in status.errors:
         out.append("")
-        out.append(kv("not loaded", f"{err['cluster']}: {err['message']}"))
+        out.append(kv("not loaded", f"{err.cluster}: {err.message}"))
     return "\n".join(out) + "\n"
 
 

@@ -5,12 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import msgspec
 
 from modelsmith.rpc.client import RpcClient
-from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent
+from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent, JobSummary, JobWatchStarted
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -29,11 +26,11 @@ def follow_job(
     timeout: float | None = None,
     on_event: Callable[[JobEvent], None] | None = None,
     show_progress: bool | None = None,
-) -> dict[str, Any]:
-    """Block until the job ends; returns its final summary (as built-ins)."""
+) -> JobSummary:
+    """Block until the job ends; returns its final summary."""
     show = sys.stderr.isatty() if show_progress is None else show_progress
     with RpcClient(socket_path, timeout=timeout) as rpc:
-        rpc.call("job.watch", {"job_id": job_id, "cursor": 0})
+        rpc.call("job.watch", {"job_id": job_id, "cursor": 0}, result_type=JobWatchStarted)
         for notice in rpc.notifications():
             if notice.method != JOB_EVENT:
                 continue
@@ -47,9 +44,4 @@ def follow_job(
                 break
         if show:
             sys.stderr.write("\n")
-        job: dict[str, Any] = rpc.call("job.get", {"job_id": job_id})
-        return job
-
-
-def decode(value: Any, type: type[Any]) -> Any:
-    return msgspec.convert(value, type)
+        return rpc.call("job.get", {"job_id": job_id}, result_type=JobSummary)

@@ -18,13 +18,8 @@ from support.daemon_process import (
     write_cluster,
 )
 
-from modelsmith.clients.cli import (
-    EXIT_OK,
-    EXIT_REFUSED,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    main,
-)
+from modelsmith.clients.cli import main
+from modelsmith.clients.common import ExitCode
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +37,21 @@ def run_cli(daemon: DaemonProcess, *argv: str) -> int:
 
 
 def test_ping_exits_0(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(daemon, "ping") == EXIT_OK
+    assert run_cli(daemon, "ping") == ExitCode.OK
     assert str(daemon.socket_path) in capsys.readouterr().out
 
 
 def test_no_command_is_a_usage_error_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == EXIT_USAGE
+    assert main([]) == ExitCode.USAGE
     assert capsys.readouterr().err
 
 
 def test_an_unknown_option_is_a_usage_error_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status", "--no-such-option"]) == EXIT_USAGE
+    assert main(["status", "--no-such-option"]) == ExitCode.USAGE
 
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--help"]) == EXIT_OK
+    assert main(["--help"]) == ExitCode.OK
     assert "status" in capsys.readouterr().out
 
 
@@ -64,7 +59,7 @@ def test_no_daemon_at_the_socket_exits_3_and_names_the_socket(
     short_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = short_tmp / "nobody-home.sock"
-    assert main(["status", "--socket", str(missing)]) == EXIT_UNREACHABLE
+    assert main(["status", "--socket", str(missing)]) == ExitCode.UNREACHABLE
     assert str(missing) in capsys.readouterr().err
 
 
@@ -72,20 +67,20 @@ def test_the_socket_comes_from_modelsmith_socket_when_no_flag_is_given(
     daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("MODELSMITH_SOCKET", str(daemon.socket_path))
-    assert main(["ping"]) == EXIT_OK
+    assert main(["ping"]) == ExitCode.OK
 
 
 def test_an_unknown_cluster_is_refused_with_exit_4(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(daemon, "status", "--cluster", "nope") == EXIT_REFUSED
+    assert run_cli(daemon, "status", "--cluster", "nope") == ExitCode.REFUSED
     assert "1001" in capsys.readouterr().err
 
 
 def test_a_refusal_in_json_mode_prints_the_error_code_as_json(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(daemon, "status", "--cluster", "nope", "--json") == EXIT_REFUSED
+    assert run_cli(daemon, "status", "--cluster", "nope", "--json") == ExitCode.REFUSED
     error = json.loads(capsys.readouterr().out)["error"]
     assert error["code"] == 1001
     assert error["name"] == "not_found"
@@ -95,7 +90,7 @@ def test_a_refusal_in_json_mode_prints_the_error_code_as_json(
 def test_status_json_parses_and_carries_the_cluster_fields(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(daemon, "status", "--json") == EXIT_OK
+    assert run_cli(daemon, "status", "--json") == ExitCode.OK
     status = json.loads(capsys.readouterr().out)
     (cluster,) = status["clusters"]
     assert cluster["cluster"] == "adtech"
@@ -110,7 +105,7 @@ def test_status_json_parses_and_carries_the_cluster_fields(
 
 
 def test_status_shows_the_seeds_labels(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(daemon, "status") == EXIT_OK
+    assert run_cli(daemon, "status") == ExitCode.OK
     out = capsys.readouterr().out
     labels = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     assert "adtech" in labels["cluster"]
@@ -125,34 +120,34 @@ def test_status_shows_the_seeds_labels(daemon: DaemonProcess, capsys: pytest.Cap
 def test_status_of_one_cluster_shows_only_that_cluster(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(daemon, "status", "--cluster", "adtech", "--json") == EXIT_OK
+    assert run_cli(daemon, "status", "--cluster", "adtech", "--json") == ExitCode.OK
     status = json.loads(capsys.readouterr().out)
     assert [c["cluster"] for c in status["clusters"]] == ["adtech"]
 
 
 def test_daemon_status_prints_the_daemons_pid(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(daemon, "daemon-status", "--json") == EXIT_OK
+    assert run_cli(daemon, "daemon-status", "--json") == ExitCode.OK
     assert json.loads(capsys.readouterr().out)["pid"] == daemon.pid
-    assert run_cli(daemon, "daemon-status") == EXIT_OK
+    assert run_cli(daemon, "daemon-status") == ExitCode.OK
     assert str(daemon.pid) in capsys.readouterr().out
 
 
 def test_jobs_lists_no_jobs_on_a_fresh_daemon(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(daemon, "jobs", "--json") == EXIT_OK
+    assert run_cli(daemon, "jobs", "--json") == ExitCode.OK
     assert json.loads(capsys.readouterr().out) == {"jobs": []}
-    assert run_cli(daemon, "jobs") == EXIT_OK
+    assert run_cli(daemon, "jobs") == ExitCode.OK
 
 
 def test_cancelling_an_unknown_job_is_refused_with_exit_4(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(daemon, "cancel", "deadbeef") == EXIT_REFUSED
+    assert run_cli(daemon, "cancel", "deadbeef") == ExitCode.REFUSED
 
 
 def test_options_before_the_command_count_as_well(
     daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["--socket", str(daemon.socket_path), "--json", "ping"]) == EXIT_OK
+    assert main(["--socket", str(daemon.socket_path), "--json", "ping"]) == ExitCode.OK
     assert json.loads(capsys.readouterr().out)["pong"] is True
 
 
@@ -162,12 +157,12 @@ def test_the_installed_entry_point_runs_as_its_own_process(daemon: DaemonProcess
         [sys.executable, "-m", "modelsmith.clients.cli", "ping", "--json"],
         capture_output=True, text=True, env=env, timeout=30,
     )
-    assert ok.returncode == EXIT_OK, ok.stderr
+    assert ok.returncode == ExitCode.OK, ok.stderr
     assert json.loads(ok.stdout)["pong"] is True
     env["MODELSMITH_SOCKET"] = str(daemon.socket_path) + ".missing"
     gone = subprocess.run(
         [sys.executable, "-m", "modelsmith.clients.cli", "ping"],
         capture_output=True, text=True, env=env, timeout=30,
     )
-    assert gone.returncode == EXIT_UNREACHABLE
+    assert gone.returncode == ExitCode.UNREACHABLE
     assert "Traceback" not in gone.stderr
