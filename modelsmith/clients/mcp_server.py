@@ -77,7 +77,13 @@ from modelsmith.clients.mcp_tools import (
     untrusted_or_none,
     view,
 )
-from modelsmith.errors import InternalError, MethodNotFound, ModelsmithError, NotFound
+from modelsmith.errors import (
+    InternalError,
+    MethodNotFound,
+    ModelsmithError,
+    NotFound,
+    error_envelope,
+)
 from modelsmith.rpc.address import resolve_socket_path
 from modelsmith.rpc.schema.daemon import ClusterStatus, FleetStatus
 from modelsmith.rpc.schema.evals import EvalComparison, EvalStarted, EvalSummary
@@ -345,7 +351,7 @@ def tool_definition(spec: ToolSpec[Any, Any]) -> types.Tool:
 
 def error_result(exc: ModelsmithError) -> types.CallToolResult:
     """A typed error as a tool result: the stable code is the contract, the message says why."""
-    error = {"code": exc.code, "name": exc.name, "message": exc.message, "data": exc.data}
+    error = error_envelope(exc)
     return types.CallToolResult(
         content=[types.TextContent(text=json.dumps({"error": error}))],
         structured_content=error,

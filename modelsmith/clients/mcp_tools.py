@@ -25,7 +25,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 import anyio
 import msgspec
 
-from modelsmith.errors import InternalError, InvalidParams, ModelsmithError, Unavailable
+from modelsmith.errors import InternalError, InvalidParams, Unavailable
 from modelsmith.rpc.client import connect
 from modelsmith.rpc.schema.evals import EvalSummary
 from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent, JobSummary
@@ -356,25 +356,15 @@ class DaemonLink:
 
     async def call(self, method: str, params: dict[str, Any]) -> Any:
         """One RPC call on a fresh connection; typed errors pass through unchanged."""
-        answer: Any = None
-        failure: ModelsmithError | None = None
         try:
             with anyio.fail_after(self.call_timeout):
                 async with connect(self.socket_path) as rpc:
-                    # Caught inside the block: rpc.client.connect() loses an exception that
-                    # leaves its block (its finally cancels the task group's scope).
-                    try:
-                        answer = await rpc.call(method, params)
-                    except ModelsmithError as exc:
-                        failure = exc
+                    return await rpc.call(method, params)
         except TimeoutError:
             raise Unavailable(
                 f"the daemon at {self.socket_path} did not answer {method} within {self.call_timeout} s",
                 data={"socket": str(self.socket_path), "method": method},
             ) from None
-        if failure is not None:
-            raise failure
-        return answer
 
     async def wait_job(self, job_id: str, wait_s: float) -> None:
         """Return when the job has finished or ``wait_s`` has passed (job.watch notifications)."""
