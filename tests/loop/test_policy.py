@@ -9,6 +9,7 @@ import msgspec
 from support.promotion_home import CORE_IDS, HELD_IDS, PromotionHome
 
 from modelsmith.loop.promotion.policy import check_policy
+from modelsmith.loop.records.events import PromotionApproved
 from modelsmith.rpc.schema.promotion import PolicyReport
 
 ALL_CHECKS = {"cluster_state", "candidate", "eval_found", "eval_full", "eval_of_candidate",
@@ -130,8 +131,10 @@ def test_regressions_are_counted_against_the_champions_eval(tmp_path: Path) -> N
     home.add_eval("base-eval", None, set())
     champion = home.add_adapter(1)
     home.add_eval("iter-1-full", champion, set(CORE_IDS + HELD_IDS), iteration=1)
-    home.ledger.append("promotion.approved", {"request_id": "r1", "adapter": champion,
-                                              "iteration": 1, "eval_tag": "iter-1-full"})
+    home.ledger.append(PromotionApproved(
+        request_id="r1", adapter=champion, adapter_sha256="0" * 64, iteration=1,
+        eval_tag="iter-1-full", principals=["alice"], nonces=["n1"],
+        decision_file="promotions/r1.decision.json", sha256="0" * 64))
     candidate = home.add_adapter(2, source_eval="iter-1-full")
     # Better than the threshold, but core-6 passed under the champion and fails now.
     home.add_eval("iter-2-full", candidate, set(CORE_IDS[:5] + HELD_IDS), iteration=2)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from support.promotion_home import (
     CLUSTER,
@@ -33,12 +34,20 @@ from modelsmith.errors import (
     Unavailable,
     ValidationError,
 )
-from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet, restore_from_ledger
+from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.cluster.state import reduce
 from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.registry import JobRegistry
 from modelsmith.loop.promotion.record_files import verify_cluster_records
+from modelsmith.loop.promotion.records import PromotionRequestRecord
 from modelsmith.loop.promotion.service import PromotionService, Requester
 from modelsmith.loop.records.approval import make_statement
+from modelsmith.loop.records.events import (
+    PromotionApproved,
+    PromotionRejected,
+    PromotionRequested,
+    RollbackDone,
+)
 from modelsmith.loop.records.ledger import Ledger
 from modelsmith.loop.records.signing import verify_record
 
@@ -78,10 +87,10 @@ class Gate:
     def statement(self, service: PromotionService, request_id: str, decision: str = "approve",
                   **overrides: Any) -> bytes:
         assert self.runtime is not None
-        entry = next(e for e in self.ledger.find("promotion.requested")
-                     if e.data["request_id"] == request_id)
+        entry = next(r.event for r in self.ledger.find(PromotionRequested)
+                     if r.event.request_id == request_id)
         fields: dict[str, Any] = {"cluster": CLUSTER, "decision": decision, "reason": "looks good",
-                                  "request_id": request_id, "request_digest": entry.data["sha256"]}
+                                  "request_id": request_id, "request_digest": entry.sha256}
         fields.update(overrides)
         return make_statement(**fields)
 
@@ -125,10 +134,10 @@ async def test_a_request_writes_one_signed_record_that_binds_the_evidence(gate: 
     assert record["iteration"] == 1 and record["model"]["name"] == "tiny-llama"
     assert record["policy"]["required_approvals"] == 1
     assert record["requested_by"]["uid"] == os.getuid()
-    entry = gate.ledger.last_of("promotion.requested")
+    entry = gate.ledger.last_of(PromotionRequested)
     assert entry is not None
-    assert entry.data["sha256"] == requested.sha256
-    assert entry.data["file"] == f"promotions/{requested.file}"
+    assert entry.event.sha256 == requested.sha256
+    assert entry.event.file == f"promotions/{requested.file}"
     assert gate.runtime is not None
     assert gate.runtime.phase == "awaiting_approval"
     assert gate.runtime.pending_promotion == requested.request_id
@@ -148,7 +157,7 @@ async def test_a_request_is_refused_with_every_failing_reason_when_the_gate_fail
     assert set(refused.value.data["failed"]) == {"composite", "held_out", "regressions"}
     assert len(refused.value.data["checks"]) == 12
     assert not (gate.home.root / "promotions").exists()
-    assert gate.ledger.last_of("promotion.requested") is None
+    assert gate.ledger.last_of(PromotionRequested) is None
 
 
 async def test_a_pending_request_blocks_a_second_one(gate: Gate) -> None:
@@ -171,7 +180,8 @@ async def test_records_are_never_overwritten(gate: Gate) -> None:
     before = (gate.home.root / path).read_bytes()
 
     with pytest.raises(ConflictError):
-        service._write_record(gate.runtime, path, {"kind": "promotion.request", "forged": True})
+        forged = msgspec.convert(json.loads(before), PromotionRequestRecord)
+        service._write_record(gate.runtime, path, msgspec.structs.replace(forged, note="forged"))
 
     assert (gate.home.root / path).read_bytes() == before
 
@@ -202,12 +212,11 @@ async def test_an_approval_by_a_listed_reviewer_makes_the_adapter_the_served_cha
     assert decision["request_sha256"] == requested.sha256
     assert decision["approvals"][0]["principal"] == "alice"
     assert "BEGIN SSH SIGNATURE" in decision["approvals"][0]["signature"]
-    approved = gate.ledger.last_of("promotion.approved")
+    approved = gate.ledger.last_of(PromotionApproved)
     assert approved is not None
-    assert approved.data["adapter"] == adapter and approved.data["principals"] == ["alice"]
+    assert approved.event.adapter == adapter and approved.event.principals == ["alice"]
     # A restarted daemon rebuilds the same state from the ledger.
-    fresh = ClusterRuntime(cluster=runtime.cluster)
-    restore_from_ledger(fresh, gate.ledger)
+    fresh = reduce(gate.ledger.recorded())
     assert (fresh.champion, fresh.pending_promotion, fresh.phase) == (adapter, None, "idle")
     assert verify_cluster_records(gate.home.root) == []
     view = await service.get(CLUSTER, requested.request_id)
@@ -230,7 +239,7 @@ async def test_two_required_approvals_need_two_distinct_reviewers(
     second = await gate.decide(service, requested.request_id, "bob")
 
     assert (second.status, sorted(second.approvals)) == ("approved", ["alice", "bob"])
-    assert gate.ledger.last_of("promotion.approved") is not None
+    assert gate.ledger.last_of(PromotionApproved) is not None
 
 
 async def test_a_rejection_records_the_reason_and_returns_the_cluster_to_the_loop(
@@ -247,8 +256,8 @@ async def test_a_rejection_records_the_reason_and_returns_the_cluster_to_the_loo
     runtime = gate.runtime
     assert runtime is not None
     assert (runtime.champion, runtime.candidate, runtime.phase) == (None, adapter, "idle")
-    rejected = gate.ledger.last_of("promotion.rejected")
-    assert rejected is not None and rejected.data["reason"] == "held-out too thin"
+    rejected = gate.ledger.last_of(PromotionRejected)
+    assert rejected is not None and rejected.event.reason == "held-out too thin"
     with pytest.raises(ConflictError):
         await gate.decide(service, requested.request_id)
 
@@ -320,9 +329,9 @@ async def test_a_replayed_statement_is_refused_also_after_a_restart(
 
 async def test_a_tampered_request_record_is_refused(gate: Gate) -> None:
     service, request_id = await _pending(gate)
-    entry = gate.ledger.last_of("promotion.requested")
+    entry = gate.ledger.last_of(PromotionRequested)
     assert entry is not None
-    path = gate.home.root / entry.data["file"]
+    path = gate.home.root / entry.event.file
     statement = gate.statement(service, request_id)  # signed over the genuine digest
     signature = gate.keys["alice"].sign(statement)
     data = bytearray(path.read_bytes())
@@ -335,12 +344,12 @@ async def test_a_tampered_request_record_is_refused(gate: Gate) -> None:
     assert _reason(refused) == "tampered"
     problems = verify_cluster_records(gate.home.root)
     assert len(problems) == 2  # the sha256 and the daemon signature both fail
-    assert all(entry.data["file"] in p for p in problems)
+    assert all(entry.event.file in p for p in problems)
 
 
 async def test_a_rollback_statement_cannot_decide_a_request(gate: Gate) -> None:
     service, request_id = await _pending(gate)
-    digest = gate.ledger.find("promotion.requested")[-1].data["sha256"]
+    digest = gate.ledger.find(PromotionRequested)[-1].event.sha256
     statement = make_statement(cluster=CLUSTER, decision="rollback", reason="x", to_iteration=0,
                                request_id=request_id, request_digest=digest)
     with pytest.raises(ValidationError):
@@ -361,7 +370,6 @@ async def _promote_two_iterations(gate: Gate, first: str = "approve") -> Promoti
     gate.home.add_eval("iter-2-full", "iter-2", set(CORE_IDS + HELD_IDS), iteration=2)
     runtime = gate.runtime
     assert runtime is not None
-    restore_from_ledger(runtime, gate.ledger)  # what the train and eval services keep up to date
     request = await service.request(CLUSTER, ME)
     await gate.decide(service, request.request_id, "bob")
     assert runtime.champion == "iter-2"
@@ -391,11 +399,9 @@ async def test_a_signed_rollback_serves_the_previous_champion_at_once(gate: Gate
     record = json.loads((gate.home.root / done.file).read_bytes())
     verify_record(record, service.key().public_key_b64)
     assert record["to"]["adapter"] == "iter-1" and record["principal"] == "alice"
-    entry = gate.ledger.last_of("rollback.done")
-    assert entry is not None and entry.data["to_iteration"] == 1
-    fresh = ClusterRuntime(cluster=gate.runtime.cluster)
-    restore_from_ledger(fresh, gate.ledger)
-    assert fresh.champion == "iter-1"
+    entry = gate.ledger.last_of(RollbackDone)
+    assert entry is not None and entry.event.to_iteration == 1
+    assert reduce(gate.ledger.recorded()).champion == "iter-1"
     assert verify_cluster_records(gate.home.root) == []
 
 
@@ -438,10 +444,10 @@ async def test_a_decision_whose_ledger_entry_was_lost_is_completed_from_its_reco
     ledger = gate.ledger
     real_append = ledger.append
 
-    def disk_gone(kind: str, data: dict[str, Any]) -> Any:
-        if kind == "promotion.approved":
+    def disk_gone(event: Any) -> Any:
+        if isinstance(event, PromotionApproved):
             raise Unavailable("disk gone")
-        return real_append(kind, data)
+        return real_append(event)
 
     monkeypatch.setattr(ledger, "append", disk_gone)
     with pytest.raises(Unavailable):

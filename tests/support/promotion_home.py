@@ -17,11 +17,13 @@ from typing import Any
 
 import msgspec
 
+from modelsmith.daemon.app import engine_spec_for
 from modelsmith.gpu.adapters import save_adapter_atomically
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.run import group_scores, weighted_mean
+from modelsmith.loop.records.events import EvalFinished, IterationAdvanced, ScenariosChanged
 from modelsmith.loop.records.ledger import Ledger
 from modelsmith.loop.records.ssh_sign import NAMESPACE, sign_with_ssh_keygen
 from modelsmith.loop.scoring.scenarios import load_catalog, scenario_hash
@@ -110,8 +112,8 @@ class RecordingEngine:
 def engine_pool_for(cluster: Cluster) -> tuple[EnginePool, RecordingEngine]:
     """The real EnginePool, with a recording engine in place of vLLM."""
     engine = RecordingEngine()
-    pool = EnginePool(factory=lambda name, c: engine)
-    pool.add_cluster(cluster)
+    pool = EnginePool(factory=lambda name, spec: engine)  # type: ignore[arg-type,return-value]
+    pool.add_cluster(cluster.name, engine_spec_for(cluster))
     return pool, engine
 
 
@@ -131,8 +133,8 @@ class PromotionHome:
                 "".join(json.dumps(_scenario(i)) + "\n" for i in ids))
         self.ledger = Ledger.open(self.root / "ledger.jsonl")
         self.catalog = load_catalog(self.root / "scenarios")
-        self.ledger.append("scenarios.changed", {"versions": self.catalog.versions(),
-                                                 "counts": {}, "changed": ["core", "held-out"]})
+        self.ledger.append(ScenariosChanged(versions=self.catalog.versions(), counts={},
+                                            changed=["core", "held-out"]))
 
     # -- training -------------------------------------------------------------------------------
     def add_adapter(self, iteration: int, *, source_eval: str = "base-eval",
@@ -160,10 +162,11 @@ class PromotionHome:
                         "learning_rate": 5e-5, "completion_length": 8.0,
                         "seconds_per_step": 0.1, "epoch": None}) + "\n"
             for step in range(1, 21)) + "not json\n")
-        self.ledger.append("iteration.advanced", {
-            "iteration": iteration, "adapter": adapter, "adapter_hash": built.adapter_sha256,
-            "train_job": job_id, "source_eval_tag": source_eval,
-            "training_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()})
+        self.ledger.append(IterationAdvanced(
+            iteration=iteration, adapter=adapter, adapter_hash=built.adapter_sha256,
+            train_job=job_id, source_eval_tag=source_eval,
+            training_manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+            stop_reason="completed", steps=20))
         return adapter
 
     # -- evals ----------------------------------------------------------------------------------
@@ -198,10 +201,10 @@ class PromotionHome:
             duration_s=60.0, results_sha256=hashlib.sha256(results_bytes).hexdigest())
         summary_bytes = msgspec.json.format(msgspec.json.encode(summary), indent=2)
         (directory / "summary.json").write_bytes(summary_bytes)
-        self.ledger.append("eval.finished", {
-            "tag": tag, "job_id": summary.job_id, "composite": composite, "held_out": held_out,
-            "passed": summary.passed, "summary_sha256": hashlib.sha256(summary_bytes).hexdigest(),
-            "results_sha256": summary.results_sha256, "adapter": adapter})
+        self.ledger.append(EvalFinished(
+            tag=tag, job_id=summary.job_id, composite=composite, held_out=held_out,
+            passed=summary.passed, summary_sha256=hashlib.sha256(summary_bytes).hexdigest(),
+            results_sha256=summary.results_sha256, adapter=adapter))
         return summary
 
     def _result(self, scenario_id: str, passed: bool) -> ScenarioResult:
@@ -221,7 +224,7 @@ class PromotionHome:
     # -- the usual story --------------------------------------------------------------------------
     def trained_candidate(self, iteration: int = 1, *, passed: set[str] | None = None) -> str:
         """A base eval, iteration N trained on its failures, and a passing full eval of it."""
-        if not self.ledger.find("eval.finished"):
+        if not self.ledger.find(EvalFinished):
             self.add_eval("base-eval", None, set(CORE_IDS[2:] + HELD_IDS[:1]))
         adapter = self.add_adapter(iteration)
         self.add_eval(f"iter-{iteration}-full", adapter,
