@@ -45,6 +45,7 @@ import msgspec
 from modelsmith.errors import DaemonUnreachable, ModelsmithError, Unavailable
 from modelsmith.examples import rtb_pricing
 from modelsmith.rpc.client import RpcClient
+from modelsmith.rpc.schema.evals import EvalSummary
 
 __all__ = ["CliRun", "DemoDaemon", "DemoReport", "DemoSettings", "main", "prepare_model",
            "run_demo"]
@@ -392,7 +393,7 @@ def _iterate(number: int, source_tag: str, report: DemoReport, settings: DemoSet
             console.say(f"  follow-up eval {eval_job['state']}: {eval_job.get('error')}")
             return iteration
         summary = _rpc(socket_path, "eval.summary", {"cluster": CLUSTER, "tag": follow_up["tag"]})
-        console.say(eval_block(summary).rstrip())
+        console.say(eval_block(msgspec.convert(summary, EvalSummary)).rstrip())
         iteration.eval_tag = follow_up["tag"]
         iteration.composite = summary["composite"]
         iteration.held_out = summary["held_out"]

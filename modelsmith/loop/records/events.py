@@ -21,6 +21,7 @@ Field names are the stored names; new fields get defaults so that older entries 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar, TypeAlias
 
 import anyio
@@ -75,11 +76,18 @@ _CANCELLED = ErrorInfo(code=1011, name="cancelled", message="cancelled")
 
 def failure_of(exc: BaseException) -> ErrorInfo:
     """The one way a failure becomes ledger data (cancellation included)."""
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
+    if isinstance(exc, asyncio.CancelledError) or _is_cancellation(exc):
         return _CANCELLED
     envelope = error_envelope(exc)
     return ErrorInfo(code=envelope["code"], name=envelope["name"], message=envelope["message"],
                      data=envelope["data"])
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())
+    except anyio.NoEventLoopError:  # outside an event loop nothing is cancelled
+        return False
 
 
 def error_info(error: ErrorInfo | str) -> ErrorInfo:
