@@ -7,7 +7,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-
 from modelsmith.errors import ValidationError
 from modelsmith.loop.scoring.criteria import DEFAULT_JUDGE_TEMPLATE
 from modelsmith.loop.scoring.rubric import (
@@ -23,7 +22,6 @@ from modelsmith.loop.scoring.rubric import (
     judge_prompt,
     parse_judge_reply,
     score,
-    score_many,
     score_with_judge,
 )
 
@@ -288,19 +286,6 @@ def test_results_encode_to_json_with_only_documented_error_kinds() -> None:
     decoded = msgspec.json.decode(msgspec.json.encode(result), type=RubricScore)
     assert decoded == result
     assert decoded.criteria[0].error_kind in ERROR_KINDS
-
-
-def test_score_many_scores_each_item_like_score() -> None:
-    graded = rubric({"type": "exact"})
-    items = [(graded, "a", "a"), (graded, "b", "a")]
-    assert score_many(items) == [score(graded, "a", "a"), score(graded, "b", "a")]
-
-
-async def test_score_many_runs_in_a_worker_thread() -> None:
-    graded = rubric({"type": "regex", "pattern": "ok"})
-    with anyio.fail_after(10):
-        results = await anyio.to_thread.run_sync(score_many, [(graded, "ok", None)] * 50)
-    assert all(r.passed for r in results)
 
 
 # ------------------------------------------------------------------------------- judges

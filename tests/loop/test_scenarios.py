@@ -9,7 +9,6 @@ from typing import Any
 import msgspec
 import pytest
 import yaml
-
 from modelsmith.errors import NotFound, ValidationError
 from modelsmith.loop.scoring.criteria import RegexCriterion
 from modelsmith.loop.scoring.scenarios import (
@@ -18,7 +17,6 @@ from modelsmith.loop.scoring.scenarios import (
     ScenarioCatalog,
     ScenarioSet,
     load_catalog,
-    load_scenario_file,
     parse_scenarios,
     prompt_hash,
     prompt_messages,
@@ -92,7 +90,7 @@ def test_a_yaml_file_decodes_into_typed_scenarios_with_the_set_taken_from_its_fo
     tmp_path: Path,
 ) -> None:
     path = write(tmp_path / "core" / "math.yaml", GOOD_YAML)
-    first, second = load_scenario_file(path, default_set="core")
+    first, second = parse_scenarios(path.read_bytes(), filename=str(path), default_set="core")
     assert first.id == "add-1" and first.set == "core" and first.tags == ("arith", "easy")
     assert first.rubric.pass_mark == 0.5 and first.rubric.criteria[1].weight == 0.5
     assert second.prompt == (
