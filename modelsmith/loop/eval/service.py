@@ -8,6 +8,7 @@ import anyio
 
 from modelsmith.errors import ConflictError, NotFound, error_envelope
 from modelsmith.gpu.engine import Engine, Sampling
+from modelsmith.gpu.engines import EnginePool
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.run import (
@@ -45,7 +46,7 @@ from modelsmith.rpc.server import CallContext
 
 
 class EvalService:
-    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: Any) -> None:
+    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: EnginePool) -> None:
         self.fleet = fleet
         self.jobs = jobs
         self.engines = engines

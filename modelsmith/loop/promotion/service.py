@@ -49,6 +49,7 @@ from modelsmith.errors import (
     SignatureError,
     ValidationError,
 )
+from modelsmith.gpu.engine import Engine
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.promotion.policy import TRAINING_MANIFEST, check_policy, iteration_of
@@ -117,7 +118,7 @@ log = structlog.get_logger("modelsmith.promotion")
 class ServesAdapters(Protocol):
     """What the gate needs of the engine pool (:class:`modelsmith.gpu.engines.EnginePool`)."""
 
-    def engine_for(self, cluster: str) -> Any: ...
+    def engine_for(self, cluster: str) -> Engine: ...
 
     async def ensure_adapter(self, cluster: str, name: str, path: Path) -> str: ...
 

@@ -22,6 +22,7 @@ import structlog
 from modelsmith.atomic import atomic_write_bytes
 from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, TrainerError
+from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.gpu.trainer_process import run_trainer
 from modelsmith.gpu.trainer_spec import (
@@ -67,7 +68,7 @@ _encoder = msgspec.json.Encoder()
 
 
 class TrainService:
-    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: Any, evals: EvalService, leases: LeaseManager) -> None:
+    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: EnginePool, evals: EvalService, leases: LeaseManager) -> None:
         self.fleet = fleet
         self.jobs = jobs
         self.engines = engines
