@@ -130,18 +130,31 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     """Runs locally on the files (works with the daemon down)."""
-    from modelsmith.errors import ModelsmithError, error_envelope
+    from modelsmith.errors import LedgerCorrupt, ModelsmithError, NotFound, error_envelope
+    from modelsmith.loop.cluster.recovery import records_without_ledger
     from modelsmith.loop.promotion.record_files import verify_cluster_records
     from modelsmith.loop.records.ledger import verify_file
     from modelsmith.rpc.address import resolve_home
 
     home = resolve_home(args.home)
-    clusters = [home / args.cluster] if args.cluster else sorted(p.parent for p in home.glob("*/ledger.jsonl"))
+    if not home.is_dir():
+        raise NotFound(f"no Modelsmith home at {home}", data={"home": str(home)})
+    clusters = ([home / args.cluster] if args.cluster else
+                sorted({p.parent for p in (*home.glob("*/ledger.jsonl"), *home.glob("*/cluster.toml"))}))
     reports: list[dict[str, Any]] = []
     ok = True
     for root in clusters:
         path = root / "ledger.jsonl"
+        orphans = [] if path.exists() else records_without_ledger(root)
         try:
+            if orphans:
+                raise LedgerCorrupt(f"ledger.jsonl is missing but {len(orphans)} record(s) need it "
+                                    f"(e.g. {orphans[0]})",
+                                    data={"file": str(path), "records": orphans[:20]})
+            if not path.exists():  # a cluster that has not started yet: nothing to vouch for
+                reports.append({"cluster": root.name, "ok": True, "entries": 0, "torn_tail": False,
+                                "problem": None, "detail": None})
+                continue
             report = verify_file(path)
             entry: dict[str, Any] = {
                 "cluster": root.name, "ok": report.ok, "entries": report.entries,

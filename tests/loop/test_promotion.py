@@ -460,3 +460,26 @@ async def test_a_decision_whose_ledger_entry_was_lost_is_completed_from_its_reco
     assert decided.status == "approved" and decided.approvals == ["alice"]
     assert gate.runtime.champion == "iter-1"
     assert verify_cluster_records(gate.home.root) == []
+
+
+async def test_one_key_listed_under_several_names_approves_only_once(
+    tmp_path: Path, keys: dict[str, Reviewer]
+) -> None:
+    gate = Gate(tmp_path, keys, required_approvals=2)
+    allow_signers(gate.home.home, f"eve,eve2 {keys['mallory'].public_line}",
+                  f"bob {keys['bob'].public_line}")
+    gate.home.trained_candidate()
+    service = gate.start()
+    requested = await service.request(CLUSTER, ME)
+
+    def signed() -> tuple[str, str]:
+        statement = gate.statement(service, requested.request_id)
+        return statement.decode(), keys["mallory"].sign(statement)
+
+    first = await service.decide(CLUSTER, requested.request_id, *signed(), "eve")
+    assert first.status == "pending"
+    with pytest.raises(ConflictError) as caught:
+        await service.decide(CLUSTER, requested.request_id, *signed(), "eve2")
+    assert caught.value.data["key_fingerprint"].startswith("SHA256:")
+    assert gate.runtime is not None and gate.runtime.champion is None
+    assert gate.ledger.last_of(PromotionApproved) is None

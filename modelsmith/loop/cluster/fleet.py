@@ -16,6 +16,7 @@ from anyio.lowlevel import EventLoopToken, current_token
 from modelsmith.clock import utc_now
 from modelsmith.errors import ModelsmithError, NotFound, Unavailable
 from modelsmith.loop.cluster.config import Cluster, ClusterProblem, discover_clusters
+from modelsmith.loop.cluster.recovery import records_without_ledger
 from modelsmith.loop.cluster.state import ClusterState, LoopState, apply
 from modelsmith.loop.records.events import LedgerEvent, ScenariosChanged
 from modelsmith.loop.records.ledger import Ledger, Recorded
@@ -153,6 +154,13 @@ class ClusterRuntime:
         Blocking: call it from a worker thread. A bad ledger or scenario set leaves the cluster
         unavailable with ``status_error`` saying why; other clusters are not affected.
         """
+        if not self.cluster.ledger_path.exists():
+            orphans = records_without_ledger(self.cluster.root)
+            if orphans:
+                self.status_error = (f"ledger.jsonl is missing but the cluster holds records only a "
+                                     f"ledger vouches for ({', '.join(orphans[:3])}"
+                                     f"{' ...' if len(orphans) > 3 else ''}); restore it from a backup")
+                return
         try:
             ledger = Ledger.open(self.cluster.ledger_path)
         except ModelsmithError as exc:

@@ -77,3 +77,15 @@ def stop_orphaned_trainer(work_dir: Path, *, grace: float = 30.0) -> int | None:
     except ProcessLookupError:
         pass
     return pid
+
+
+def records_without_ledger(cluster_root: Path) -> list[str]:
+    """What a cluster holds that only a ledger can vouch for (promotion records, adapters, evals).
+
+    A cluster with any of these and no ``ledger.jsonl`` lost its ledger: that is damage, never a
+    fresh start (champion and approval history would be gone without a word).
+    """
+    found: list[str] = []
+    for pattern in ("promotions/*.json", "adapters/iter-*", "evals/*/summary.json"):
+        found += sorted(p.relative_to(cluster_root).as_posix() for p in cluster_root.glob(pattern))
+    return found

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import anyio
 
-from modelsmith.errors import ConflictError, NotFound, error_envelope
+from modelsmith.errors import ConflictError, NotFound, ValidationError, error_envelope
 from modelsmith.gpu.engine import Engine, Sampling
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.hashing import sha256_hex
@@ -44,6 +45,8 @@ from modelsmith.rpc.schema.evals import (
 )
 from modelsmith.rpc.server import CallContext
 
+_ADAPTER_NAME = re.compile(r"iter-[0-9]{1,9}")
+
 
 class EvalService:
     def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: EnginePool) -> None:
@@ -78,7 +81,14 @@ class EvalService:
                                data={"field": "adapter"})
             return runtime.candidate
         assert requested is not None
-        if not runtime.adapter_path(requested).is_dir():
+        if not _ADAPTER_NAME.fullmatch(requested):
+            raise ValidationError(
+                f"adapter {requested!r} is not a name: use iter-N, champion, candidate or base "
+                f"(adapters live in {runtime.cluster.root / 'adapters'})",
+                data={"field": "adapter", "adapter": requested[:200]})
+        path = runtime.adapter_path(requested)
+        adapters = (runtime.cluster.root / "adapters").resolve()
+        if not path.is_dir() or path.resolve().parent != adapters:
             raise NotFound(f"no adapter {requested!r} in cluster {runtime.cluster.name}",
                            data={"field": "adapter", "adapter": requested})
         return requested

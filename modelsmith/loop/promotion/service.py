@@ -408,11 +408,15 @@ class PromotionService:
                             nonce=said.nonce, statement=statement, signature=signature)
         required = record.policy.required_approvals
         if said.decision == "approve":
-            if any(prior.principal == verified.principal for prior in state.signed):
-                raise ConflictError(f"{verified.principal} approved {request_id} already; "
-                                    f"{required} distinct reviewers are needed",
+            # Keys, not principals: one key on a line `*@corp.example <key>` (or `eve,eve2
+            # <key>`) would otherwise approve as many times as it has names.
+            if any(prior.key_fingerprint == verified.key_fingerprint for prior in state.signed):
+                raise ConflictError(f"the key {verified.key_fingerprint} approved {request_id} "
+                                    f"already (as {verified.principal}); {required} distinct "
+                                    "reviewer keys are needed",
                                     data={"request_id": request_id,
-                                          "principal": verified.principal})
+                                          "principal": verified.principal,
+                                          "key_fingerprint": verified.key_fingerprint})
             approvals = [*state.signed, item]
             if len(approvals) < required:
                 runtime.record(PromotionSigned(request_id=request_id, **msgspec.structs.asdict(item)))
