@@ -23,6 +23,8 @@ from modelsmith import __version__
 from modelsmith.daemon.config import DaemonConfig
 from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
 from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
+from modelsmith.gpu import engine_reaper
+from modelsmith.gpu.engine_reaper import stop_leftover_engines
 from modelsmith.gpu.engines import EnginePool, EngineSpec
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.loop.autonomy.inbox import InboxWatcher
@@ -56,6 +58,7 @@ def engine_spec_for(cluster: Cluster) -> EngineSpec:
         tensor_parallel_size=engine.tensor_parallel_size,
         max_lora_rank=engine.max_lora_rank,
         max_loras=engine.max_loras,
+        served_model=engine.model,
     )
 
 
@@ -73,6 +76,7 @@ class Daemon:
     def __post_init__(self) -> None:
         self.fleet = Fleet(self.home)
         self.engines = EnginePool()
+        self._reaper: tuple[subprocess.Popen[bytes], int] | None = None  # watcher, pipe
         self.evals = EvalService(self.fleet, self.jobs, self.engines)
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
@@ -130,6 +134,13 @@ class Daemon:
             log.error("cluster not loaded", cluster=problem.cluster, file=problem.file,
                       field=problem.field, error=problem.message)
         self._register()
+        if self.config.start_engines:
+            # An engine core left by a daemon of this home that was killed still holds memory.
+            stopped = await anyio.to_thread.run_sync(stop_leftover_engines, self.home)
+            if stopped:
+                log.warning("stopped leftover engine processes", pids=stopped)
+            engine_reaper.mark_children(self.home)
+            self._reaper = engine_reaper.start_watcher(self.home)
         # Verify every cluster's ledger and scenario sets before READY; a bad one fails alone.
         for runtime in self.fleet.runtimes.values():
             self.notifier.status(f"verifying cluster {runtime.cluster.name}")

@@ -29,8 +29,10 @@ __all__ = ["EngineFactory", "EnginePool", "EngineSpec", "default_engine_factory"
 class EngineSpec:
     """What one cluster asks of its engine: the model and how to serve it.
 
-    ``model`` is the local base model directory; for ``kind == "openai"`` its text is the model
-    name sent to the server at ``url``. The vLLM settings are ignored by the OpenAI engine.
+    ``model`` is the local base model directory. For ``kind == "openai"``, ``served_model`` is
+    the name sent to the server at ``url`` as the request's ``model`` (``[engine] model``, as in
+    ``--served-model-name``); without it the directory's path is sent. The vLLM settings are
+    ignored by the OpenAI engine, and ``served_model`` by the vLLM one.
     """
 
     model: Path
@@ -43,12 +45,18 @@ class EngineSpec:
     tensor_parallel_size: int
     max_lora_rank: int
     max_loras: int
+    served_model: str | None = None
+
+    @property
+    def openai_model(self) -> str:
+        """The ``model`` field an OpenAI-compatible server is asked for."""
+        return self.served_model if self.served_model is not None else str(self.model)
 
     @property
     def key(self) -> str:
         """Clusters whose specs have the same key share one engine (the first spec builds it)."""
         if self.kind == "openai":
-            return f"openai:{self.url}:{self.model}"
+            return f"openai:{self.url}:{self.openai_model}"
         return f"vllm:{self.model}"
 
 
@@ -63,7 +71,7 @@ def default_engine_factory(name: str, spec: EngineSpec) -> Engine:
 
         if not spec.url:
             raise EngineError(f"engine {name}: a url is required for kind 'openai'")
-        return OpenAIEngine(name, spec.url, str(spec.model), api_key_env=spec.api_key_env)
+        return OpenAIEngine(name, spec.url, spec.openai_model, api_key_env=spec.api_key_env)
     from modelsmith.gpu.vllm_engine import VllmEngine
 
     return VllmEngine(

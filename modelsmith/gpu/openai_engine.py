@@ -1,8 +1,10 @@
 """An :class:`~modelsmith.gpu.engine.Engine` over any OpenAI-compatible HTTP server.
 
 For comparing against an external server (``vllm serve``, another box) or a frontier API. It
-sends chat messages to ``/v1/chat/completions``: the server applies its own chat template. A
-named adapter is sent as the ``model`` field, as ``vllm serve --lora-modules name=path`` expects.
+sends chat messages to ``/v1/chat/completions``: the server applies its own chat template. The
+``model`` field is the served model's name (``[engine] model``; ``--served-model-name``), or a
+named adapter, as ``vllm serve --lora-modules name=path`` expects; a model the server does not
+serve (its 404) is an EngineError naming it.
 
 Resources and their handling: :meth:`OpenAIEngine.run` owns the HTTP client (closed, shielded
 and time-bounded, when it is cancelled) and checks ``GET /v1/models`` periodically: the engine
@@ -205,6 +207,14 @@ class OpenAIEngine:
                     f"engine {self.name!r}: {type(exc).__name__} talking to {self.base_url}: {exc}",
                     data={"engine": self.name, "reason": "transport"},
                 ) from exc
+        if response.status_code == 404 and "model" in body:
+            # What OpenAI-compatible servers answer for a model they do not serve.
+            raise EngineError(
+                f"engine {self.name!r}: {self.base_url} does not serve model {body['model']!r} "
+                f"(HTTP 404: {response.text[:_BODY_EXCERPT]}); set [engine] model to a name that "
+                f"{self.base_url}/models lists",
+                data={"engine": self.name, "status": 404, "model": body["model"]},
+            )
         if response.status_code >= 400:
             raise EngineError(
                 f"engine {self.name!r}: {self.base_url}{path} answered HTTP "

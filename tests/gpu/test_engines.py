@@ -179,10 +179,32 @@ def test_the_daemon_builds_a_spec_from_every_engine_field_of_cluster_toml(tmp_pa
         '[model]\nbase = "models/tiny"\nmax_model_len = 512\ndtype = "float32"\n\n'
         '[engine]\nkind = "openai"\nurl = "http://localhost:9"\napi_key_env = "KEY"\n'
         "gpu_memory_utilization = 0.5\ntensor_parallel_size = 2\nmax_lora_rank = 8\n"
-        "max_loras = 2\n"
+        "max_loras = 2\nmodel = \"tiny-served\"\n"
     )
     assert engine_spec_for(load_cluster(root)) == EngineSpec(
         model=(root / "models" / "tiny").resolve(), kind="openai", dtype="float32",
         max_model_len=512, url="http://localhost:9", api_key_env="KEY",
         gpu_memory_utilization=0.5, tensor_parallel_size=2, max_lora_rank=8, max_loras=2,
+        served_model="tiny-served",
     )
+
+
+def test_an_openai_engine_asks_for_the_served_name_or_else_the_base_path() -> None:
+    named = spec("/models/tiny", kind="openai", url="http://one", served_model="tiny")
+    unnamed = spec("/models/tiny", kind="openai", url="http://one")
+    assert (named.openai_model, unnamed.openai_model) == ("tiny", "/models/tiny")
+    # Two names on one server are two engines; the same name is one.
+    built = Built()
+    pool = EnginePool(factory=built)
+    pool.add_cluster("a", named)
+    pool.add_cluster("b", unnamed)
+    pool.add_cluster("c", dataclasses.replace(named))
+    assert len(built.engines) == 2
+    assert pool.engine_for("a") is pool.engine_for("c") is not pool.engine_for("b")
+
+
+def test_the_default_factory_sends_the_served_name_as_the_model() -> None:
+    from modelsmith.gpu.engines import default_engine_factory
+
+    engine = default_engine_factory("remote", spec(kind="openai", url="http://one", served_model="tiny"))
+    assert engine.info().model == "tiny"

@@ -40,6 +40,9 @@ class EngineSection(_Section):
                             "(kind = \"openai\").")
     api_key_env: str | None = Field(default=None, description="Environment variable holding "
                                     "the API key (kind = \"openai\").")
+    model: str | None = Field(default=None, min_length=1, description="Name of the served model, "
+                              "sent as `model` (kind = \"openai\"): vLLM's --served-model-name or "
+                              "a hosted API's model id. Default: the resolved path of [model] base.")
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="vLLM's share of "
                                           "GPU memory.")
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs the engine spans.")
