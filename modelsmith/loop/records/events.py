@@ -243,7 +243,9 @@ class PromotionSigned(_Event, frozen=True, tag="promotion.signed"):
                             nonce=self.nonce, statement=self.statement, signature=self.signature)
 
 
-class PromotionApproved(_Event, frozen=True, tag="promotion.approved"):
+class _Decided(_Event, frozen=True):
+    """What an approval and a rejection both record."""
+
     request_id: str
     adapter: str
     adapter_sha256: str
@@ -255,16 +257,11 @@ class PromotionApproved(_Event, frozen=True, tag="promotion.approved"):
     sha256: str
 
 
-class PromotionRejected(_Event, frozen=True, tag="promotion.rejected"):
-    request_id: str
-    adapter: str
-    adapter_sha256: str
-    iteration: int
-    eval_tag: str
-    principals: list[str]
-    nonces: list[str]
-    decision_file: str
-    sha256: str
+class PromotionApproved(_Decided, frozen=True, tag="promotion.approved"):
+    pass
+
+
+class PromotionRejected(_Decided, frozen=True, tag="promotion.rejected"):
     reason: str | None = None
 
 
