@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.setup-stamp
 setup: $(STAMP)
 
 # Re-run the install only when the dependency list changes; a second `make setup` is a no-op.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/mcp-inspector/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[cpu,dev]'
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
 	# Debian's systemd: systemd-analyze (verify, security) and systemd-socket-activate for the unit tests.
 	(command -v systemd-analyze && command -v systemd-socket-activate) >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd) || true
+	# The official MCP Inspector CLI, pinned by its lockfile, for tests/clients/test_mcp_inspector.py.
+	if command -v npm >/dev/null; then npm ci --prefix tools/mcp-inspector --no-audit --no-fund --loglevel=error; \
+	else echo "make setup: npm not found: the MCP Inspector is not installed and tests/clients/test_mcp_inspector.py will be skipped"; fi
 	touch $(STAMP)
 
 lint: setup

@@ -9,7 +9,8 @@ How failures reach the agent (the one place exceptions become tool results):
 
 - an unknown tool name is refused as an MCP protocol error (-32602, the tool named in ``data``);
 - bad arguments, and every error the daemon reports, are a tool result with ``isError: true``
-  and ``structuredContent = {code, name, message, data}``, where ``code`` is Modelsmith's stable
+  whose one text block is the JSON envelope ``{code, name, message, data}`` (no
+  ``structuredContent``: see :func:`error_result`), where ``code`` is Modelsmith's stable
   error code (-32602 invalid params naming the argument, 1001 not found, 1012 daemon
   unreachable naming the socket, ...);
 - anything else is a bug: the traceback goes to stderr (never stdout, which is the protocol
@@ -350,11 +351,14 @@ def tool_definition(spec: ToolSpec[Any, Any]) -> types.Tool:
 
 
 def error_result(exc: ModelsmithError) -> types.CallToolResult:
-    """A typed error as a tool result: the stable code is the contract, the message says why."""
-    error = error_envelope(exc)
+    """A typed error as a tool result: the envelope ``{code, name, message, data}`` as its text.
+
+    No ``structuredContent``: the TypeScript SDK (and so the MCP Inspector, Claude Code and
+    Cursor) validates it against the tool's ``outputSchema`` even when ``isError`` is true, and
+    would replace the envelope with a schema-mismatch message.
+    """
     return types.CallToolResult(
-        content=[types.TextContent(text=json.dumps({"error": error}))],
-        structured_content=error,
+        content=[types.TextContent(text=json.dumps(error_envelope(exc)))],
         is_error=True,
     )
 

@@ -104,7 +104,10 @@ async def call(client: Client, tool: str, arguments: dict[str, Any], limit_s: fl
 
 def error_of(result: CallToolResult) -> dict[str, Any]:
     assert result.is_error, f"expected an error result, got {result.structured_content}"
-    error = result.structured_content
+    # No structuredContent: TypeScript clients would validate it against the outputSchema.
+    assert result.structured_content is None
+    [text] = result.content
+    error = json.loads(text.text)  # type: ignore[union-attr]
     assert isinstance(error, dict)
     assert set(error) == {"code", "name", "message", "data"}
     return error
