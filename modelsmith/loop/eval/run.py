@@ -29,7 +29,7 @@ from modelsmith.errors import ConflictError, NotFound, ValidationError
 from modelsmith.hashing import sha256_file
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.jobs.registry import Job
-from modelsmith.loop.scoring.rubric import RubricScore, score, score_with_judge
+from modelsmith.loop.scoring.rubric import CriterionResult, RubricScore, score, score_with_judge
 from modelsmith.loop.scoring.scenarios import (
     Scenario,
     prompt_messages,
@@ -49,7 +49,7 @@ from modelsmith.rpc.schema.evals import (
 log = structlog.get_logger("modelsmith.eval")
 
 SCORE_BATCH = 64
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: no trailing newline
 _result_decoder = msgspec.json.Decoder(ScenarioResult)
 _summary_decoder = msgspec.json.Decoder(EvalSummary)
 _encoder = msgspec.json.Encoder()
@@ -59,7 +59,7 @@ SUMMARY_FILE = "summary.json"
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise ValidationError(
             f"eval tag {tag!r} must be 1-128 letters, digits, '.', '_' or '-'", data={"field": "tag"}
         )
@@ -269,9 +269,39 @@ class ResultsWriter:
         self._fh.close()
 
 
+def scoring_failure(s: Scenario, exc: BaseException) -> RubricScore:
+    """The score of a scenario whose scoring raised: its own error, never the eval's."""
+    detail = f"scoring failed: {type(exc).__name__}"
+    return RubricScore(
+        score=0.0, passed=False, pass_mark=s.rubric.pass_mark, scoring_error=True,
+        criteria=(CriterionResult(name="scoring", type="scoring", weight=0.0, score=0.0, passed=False,
+                                  detail=detail, error_kind="scoring_error"),),
+    )
+
+
+def score_one(s: Scenario, text: str) -> RubricScore:
+    """``score()`` of one answer; anything it raises becomes this scenario's ``scoring_error``."""
+    try:
+        return score(s.rubric, text, s.reference)
+    except Exception as exc:
+        log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
+        return scoring_failure(s, exc)
+
+
+def scoring_errors(results: Sequence[ScenarioResult]) -> dict[str, int]:
+    """How many results carry each scoring error kind (``scoring_timeout``, ``scoring_error``)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        kinds = {c.error_kind for c in r.criteria if c.error_kind in ("scoring_timeout", "scoring_error")}
+        for kind in kinds:
+            counts[str(kind)] = counts.get(str(kind), 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def score_batch(items: Sequence[tuple[Scenario, str, str | None, int | None]]) -> list[ScenarioResult]:
-    """Score a batch of answers (runs in a worker thread)."""
-    return [to_result(s, text, finish, tokens, score(s.rubric, text, s.reference)) for s, text, finish, tokens in items]
+    """Score a batch of answers (runs in a worker thread); each answer's scoring is bounded in
+    time and its failure is its own."""
+    return [to_result(s, text, finish, tokens, score_one(s, text)) for s, text, finish, tokens in items]
 
 
 def has_judge(s: Scenario) -> bool:
@@ -329,7 +359,11 @@ async def execute_eval(
                 verdict = await engine.generate(text, sampling)
                 return str(verdict.text)
 
-            rs = await score_with_judge(s.rubric, completion.text, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
+            try:
+                rs = await score_with_judge(s.rubric, completion.text, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
+            except Exception as exc:
+                log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
+                rs = scoring_failure(s, exc)
             scored = [to_result(s, completion.text, completion.finish_reason, completion.token_count, rs)]
             await anyio.to_thread.run_sync(writer.write, scored)
             results.extend(scored)
@@ -342,6 +376,9 @@ async def execute_eval(
     ordered = sorted(results, key=lambda r: r.scenario_id)
     digest = await anyio.to_thread.run_sync(sha256_file, results_path)
     summary = summarize(runtime, plan, job.job_id, ordered, baseline, started_at, time.monotonic() - started, digest)
+    errors = scoring_errors(ordered)
+    if errors:
+        job.emit("log", {"message": f"scoring errors: {errors}", "scoring_errors": errors})
     await anyio.to_thread.run_sync(
         lambda: atomic_write_bytes(directory / SUMMARY_FILE, msgspec.json.format(_encoder.encode(summary), indent=2))
     )

@@ -25,7 +25,10 @@ import jsonschema.exceptions
 import jsonschema.protocols
 import jsonschema.validators
 import msgspec
+import regex
 from msgspec import UNSET, Meta, Struct, UnsetType
+
+from modelsmith.loop.scoring.bounded import bounded_validator_class, schema_problem
 
 __all__ = [
     "DEFAULT_JUDGE_TEMPLATE",
@@ -122,9 +125,10 @@ def normalize_label(text: str, *, case_sensitive: bool = False) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def compiled_pattern(pattern: str, flags: int) -> re.Pattern[str]:
-    """A compiled regex, cached: scoring 100k answers must not recompile per answer."""
-    return re.compile(pattern, flags)
+def compiled_pattern(pattern: str, flags: int) -> regex.Pattern[str]:
+    """A compiled regex (the ``regex`` package, so matching takes a timeout), cached: scoring
+    100k answers must not recompile per answer. ``flags`` are :mod:`re` flag values."""
+    return regex.compile(pattern, flags)
 
 
 def _schema_key(schema: dict[str, Any]) -> bytes:
@@ -134,8 +138,9 @@ def _schema_key(schema: dict[str, Any]) -> bytes:
 @functools.lru_cache(maxsize=1024)
 def _validator_for_key(key: bytes) -> jsonschema.protocols.Validator:
     schema = msgspec.json.decode(key)
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema)
+    cls = bounded_validator_class(jsonschema.validators.validator_for(schema))
+    validator: jsonschema.protocols.Validator = cls(schema)
+    return validator
 
 
 def schema_validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
@@ -277,7 +282,7 @@ class RegexCriterion(_CriterionBase, frozen=True, tag="regex"):
     def _check(self) -> None:
         try:
             self.compiled()
-        except re.error as exc:
+        except (regex.error, ValueError, OverflowError) as exc:
             raise InvalidField("bad_regex", "pattern", f"does not compile: {exc}") from exc
 
     @property
@@ -291,7 +296,7 @@ class RegexCriterion(_CriterionBase, frozen=True, tag="regex"):
             flags |= re.DOTALL
         return flags
 
-    def compiled(self) -> re.Pattern[str]:
+    def compiled(self) -> regex.Pattern[str]:
         return compiled_pattern(self.pattern, self.flags)
 
 
@@ -320,6 +325,12 @@ class JsonCriterion(_CriterionBase, frozen=True, tag="json"):
                 raise InvalidField(
                     "bad_schema", "schema", f"not a valid JSON schema: {exc.message}"
                 ) from exc
+            except RecursionError as exc:
+                raise InvalidField("bad_schema", "schema", "nested too deeply") from exc
+            problem = schema_problem(self.schema)
+            if problem is not None:
+                where, message = problem
+                raise InvalidField("bad_schema_ref", f"schema{where}", message)
             schema_validator(self.schema)  # build it now, once
         elif self.schema is not None:
             raise InvalidField("invalid_value", "schema", "only used with mode `schema`")

@@ -27,6 +27,12 @@ import msgspec
 from msgspec import Struct, UnsetType
 
 from modelsmith.errors import ValidationError
+from modelsmith.loop.scoring.bounded import (
+    SCORE_TIME_LIMIT_S,
+    ScoringTimeout,
+    bounded_search,
+    score_deadline,
+)
 from modelsmith.loop.scoring.criteria import (
     ChoiceCriterion,
     ContainsCriterion,
@@ -81,6 +87,8 @@ ErrorKind = Literal[
     "forbidden_content",
     "missing_content",
     "judge_failure",
+    "scoring_timeout",
+    "scoring_error",
 ]
 ERROR_KINDS: Final[tuple[str, ...]] = ErrorKind.__args__  # type: ignore[attr-defined]
 
@@ -105,6 +113,7 @@ class RubricScore(Struct, frozen=True, kw_only=True):
     pass_mark: float
     criteria: tuple[CriterionResult, ...]
     judge_error: bool = False
+    scoring_error: bool = False
 
 
 class JudgeVerdict(Struct, frozen=True, kw_only=True):
@@ -279,9 +288,9 @@ def _score_not_contains(
 def _score_regex(criterion: RegexCriterion, response: str, reference: str | None) -> _Outcome:
     pattern = criterion.compiled()
     if criterion.must_match == "full":
-        matched = pattern.fullmatch(response.strip()) is not None
+        matched = bounded_search(pattern, response.strip(), full=True)
     else:
-        matched = pattern.search(response) is not None
+        matched = bounded_search(pattern, response)
     if matched:
         return 1.0, True, "matches", None
     return (
@@ -472,31 +481,65 @@ def score(
     reference: str | None,
     *,
     judge_verdicts: Mapping[int, JudgeVerdict] | None = None,
+    time_limit_s: float = SCORE_TIME_LIMIT_S,
 ) -> RubricScore:
     """Grade ``response``. An ``llm_judge`` criterion at index i takes ``judge_verdicts[i]``;
-    without one it is a judge failure. Raises ValidationError only when a criterion needs the
-    reference and ``reference`` is None (scenarios are checked for that when loaded)."""
+    without one it is a judge failure.
+
+    Pattern matching for this answer is bounded to ``time_limit_s`` in all: a criterion that runs
+    past it is reported with ``error_kind="scoring_timeout"``, one whose scorer raises with
+    ``"scoring_error"``; either is left out of the weighted mean (like a judge failure) and marks
+    the result ``scoring_error`` and not passed. Raises ValidationError only when a criterion
+    needs the reference and ``reference`` is None (scenarios are checked for that when loaded).
+    """
+    with score_deadline(time_limit_s):
+        return _score(rubric, response, reference, judge_verdicts)
+
+
+def _guarded(criterion: Criterion, response: str, reference: str | None) -> tuple[_Outcome, bool]:
+    """The criterion's outcome, and whether scoring itself failed (a timeout or a crash)."""
+    try:
+        return _SCORERS[type(criterion)](criterion, response, reference), False
+    except ValidationError:
+        raise
+    except ScoringTimeout as exc:
+        return (0.0, False, str(exc), "scoring_timeout"), True
+    except Exception as exc:  # a scorer's crash is this answer's error, never the caller's
+        return (0.0, False, f"scoring failed: {type(exc).__name__}", "scoring_error"), True
+
+
+def _score(
+    rubric: Rubric,
+    response: str,
+    reference: str | None,
+    judge_verdicts: Mapping[int, JudgeVerdict] | None,
+) -> RubricScore:
     refused: bool | None = None  # computed once, only if something failed
     results: list[CriterionResult] = []
     weighted_sum = 0.0
     weight_total = 0.0
     low, high = 1.0, 0.0
     judge_error = False
+    scoring_error = False
     for index, criterion in enumerate(rubric.criteria):
         if isinstance(criterion, LlmJudgeCriterion):
             verdict = judge_verdicts.get(index) if judge_verdicts is not None else None
             outcome, failed_judge = _judge_outcome(criterion, verdict, rubric.pass_mark)
+            failed_scoring = False
         else:
-            outcome, failed_judge = _SCORERS[type(criterion)](criterion, response, reference), False
+            outcome, failed_scoring = _guarded(criterion, response, reference)
+            failed_judge = False
         credit, passed, detail, kind = outcome
-        if not passed and not failed_judge:
+        if failed_scoring:
+            scoring_error = True
+        elif not passed and not failed_judge:
             if refused is None:
                 refused = is_refusal_or_empty(response)
             if refused:
                 kind = "refusal_or_empty"
         if failed_judge:
             judge_error = True
-        else:
+        elif not failed_scoring:
             weighted_sum += criterion.weight * credit
             weight_total += criterion.weight
             low, high = min(low, credit), max(high, credit)
@@ -515,10 +558,11 @@ def score(
     total = min(high, max(low, weighted_sum / weight_total)) if weight_total > 0 else 0.0
     return RubricScore(
         score=total,
-        passed=not judge_error and total >= rubric.pass_mark,
+        passed=not judge_error and not scoring_error and total >= rubric.pass_mark,
         pass_mark=rubric.pass_mark,
         criteria=tuple(results),
         judge_error=judge_error,
+        scoring_error=scoring_error,
     )
 
 

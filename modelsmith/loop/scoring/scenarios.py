@@ -14,12 +14,19 @@ it and any change of content does. :func:`scenario_hash` fingerprints one scenar
 :func:`prompt_hash` fingerprints only what a model is shown, so a held-out prompt copied into
 training under another id is still recognised.
 
+Limits (documented in ``docs/scenarios.md``): a file over :data:`MAX_SCENARIO_FILE_BYTES` is
+refused by its size before a byte is parsed (kind ``too_large``); YAML is bounded while composing
+(:mod:`~modelsmith.loop.scoring.yaml_lines`); a prompt over ``max_prompt_bytes`` (by default
+:data:`MAX_PROMPT_BYTES`, or :func:`prompt_byte_limit` of the cluster's ``max_model_len``) is
+refused (kind ``prompt_too_long``).
+
 The file format is documented for users in ``docs/scenarios.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +48,9 @@ from modelsmith.loop.scoring.yaml_lines import NodePath, load_yaml_with_lines, p
 from modelsmith.loop.scoring.yaml_lines import file_error as _error
 
 __all__ = [
+    "BYTES_PER_TOKEN",
+    "MAX_PROMPT_BYTES",
+    "MAX_SCENARIO_FILE_BYTES",
     "SCENARIO_SUFFIXES",
     "SET_NAMES",
     "ChatMessage",
@@ -51,6 +61,7 @@ __all__ = [
     "canonical_json",
     "load_catalog",
     "parse_scenarios",
+    "prompt_byte_limit",
     "prompt_hash",
     "prompt_messages",
     "prompt_text",
@@ -63,8 +74,25 @@ SetName = Literal["core", "held-out"]
 SET_NAMES: Final[tuple[SetName, ...]] = ("core", "held-out")
 SCENARIO_SUFFIXES: Final = (".yaml", ".yml", ".jsonl")
 
-ScenarioId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+$", min_length=1, max_length=200)]
+#: A scenario file larger than this is refused by its size, before it is read or parsed.
+MAX_SCENARIO_FILE_BYTES: Final = 8 * 1024 * 1024
+#: A prompt (UTF-8, all messages together) larger than this is refused when nothing better is known.
+MAX_PROMPT_BYTES: Final = 256 * 1024
+#: Bytes per token assumed when a prompt's size is checked against ``max_model_len``.
+BYTES_PER_TOKEN: Final = 4
+
+
+def prompt_byte_limit(max_model_len: int) -> int:
+    """The largest prompt (bytes) a cluster with ``max_model_len`` tokens of context accepts:
+    ``BYTES_PER_TOKEN * max_model_len``, and never more than :data:`MAX_PROMPT_BYTES`."""
+    return min(MAX_PROMPT_BYTES, BYTES_PER_TOKEN * max_model_len)
+
+
+# \A...\Z, not ^...$: `$` also matches before a trailing newline.
+ScenarioId = Annotated[str, Meta(pattern=r"\A[A-Za-z0-9._-]+\Z", min_length=1, max_length=200)]
 NonEmptyText = Annotated[str, Meta(min_length=1)]
+#: One line of printable text: no newline, no control character.
+Label = Annotated[str, Meta(pattern=r"\A[^\x00-\x1f\x7f]+\Z", min_length=1, max_length=200)]
 Weight = Annotated[float, Meta(gt=0)]
 
 
@@ -80,8 +108,8 @@ class Scenario(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
     id: ScenarioId
     set: SetName
-    domain: NonEmptyText
-    tags: tuple[NonEmptyText, ...] = ()
+    domain: Label
+    tags: tuple[Label, ...] = ()
     prompt: NonEmptyText | Annotated[tuple[ChatMessage, ...], Meta(min_length=1)]
     reference: str | None = None
     rubric: Rubric
@@ -258,8 +286,10 @@ def _read_jsonl(text: str, filename: str) -> Iterator[_RawScenario]:
 
 
 def _parse_with_lines(
-    data: bytes, *, filename: str, default_set: str | None
+    data: bytes, *, filename: str, default_set: str | None, max_prompt_bytes: int | None = None
 ) -> list[tuple[Scenario, int | None]]:
+    _check_file_size(len(data), filename)
+    prompt_limit = MAX_PROMPT_BYTES if max_prompt_bytes is None else max_prompt_bytes
     if default_set is not None and default_set not in SET_NAMES:
         raise _error("invalid_value", f"unknown set {default_set!r}", file=filename, field="set")
     suffix = Path(filename).suffix.lower()
@@ -292,6 +322,17 @@ def _parse_with_lines(
             raise _error(
                 "too_large", "nested too deeply", file=filename, line=raw.line, field=prefix
             ) from exc
+        prompt_bytes = _prompt_bytes(scenario)
+        if prompt_bytes > prompt_limit:
+            field_path = f"{prefix}.prompt"
+            raise _error(
+                "prompt_too_long",
+                f"the prompt is {prompt_bytes} bytes; at most {prompt_limit} fit",
+                file=filename,
+                line=raw.line_of(field_path),
+                field=field_path,
+                limit=prompt_limit,
+            )
         if default_set is not None and scenario.set != default_set:
             field_path = f"{prefix}.set"
             raise _error(
@@ -317,24 +358,53 @@ def _parse_with_lines(
     return parsed
 
 
+def _prompt_bytes(scenario: Scenario) -> int:
+    if isinstance(scenario.prompt, str):
+        return len(scenario.prompt.encode("utf-8", "surrogatepass"))
+    return sum(len(m.content.encode("utf-8", "surrogatepass")) for m in scenario.prompt)
+
+
+def _check_file_size(size: int, filename: str) -> None:
+    if size > MAX_SCENARIO_FILE_BYTES:
+        raise _error(
+            "too_large",
+            f"{size} bytes; a scenario file holds at most {MAX_SCENARIO_FILE_BYTES}",
+            file=filename,
+            limit=MAX_SCENARIO_FILE_BYTES,
+        )
+
+
 def parse_scenarios(
-    data: bytes, *, filename: str, default_set: str | None = None
+    data: bytes,
+    *,
+    filename: str,
+    default_set: str | None = None,
+    max_prompt_bytes: int | None = None,
 ) -> list[Scenario]:
     """Decode one scenario file's bytes (YAML or JSONL, by ``filename``'s suffix).
 
     ``default_set`` is the set of the folder the file lives in: it fills an omitted ``set`` and a
-    different ``set`` is refused. Raises ValidationError naming file, line and field.
+    different ``set`` is refused. ``max_prompt_bytes`` bounds each prompt (default
+    :data:`MAX_PROMPT_BYTES`; a cluster passes :func:`prompt_byte_limit` of its
+    ``max_model_len``). Raises ValidationError naming file, line and field.
     """
-    return [s for s, _ in _parse_with_lines(data, filename=filename, default_set=default_set)]
+    parsed = _parse_with_lines(
+        data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes
+    )
+    return [s for s, _ in parsed]
 
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            _check_file_size(os.fstat(fh.fileno()).st_size, str(path))
+            data = fh.read(MAX_SCENARIO_FILE_BYTES + 1)  # a file still growing stays bounded
     except FileNotFoundError as exc:
         raise NotFound(f"no scenario file {path}", data={"file": str(path)}) from exc
     except OSError as exc:
         raise _error("unreadable", f"cannot read: {exc.strerror}", file=str(path)) from exc
+    _check_file_size(len(data), str(path))
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +502,10 @@ def _set_files(folder: Path) -> list[Path]:
     )
 
 
-def load_catalog(scenarios_dir: Path) -> ScenarioCatalog:
+def load_catalog(scenarios_dir: Path, *, max_prompt_bytes: int | None = None) -> ScenarioCatalog:
     """Load ``<cluster>/scenarios/{core,held-out}/*``: all files or none.
+
+    ``max_prompt_bytes`` as for :func:`parse_scenarios`.
 
     A missing set folder is an empty set; a missing ``scenarios_dir`` is NotFound. Any bad file,
     or an id used twice anywhere, raises ValidationError and returns nothing.
@@ -448,7 +520,12 @@ def load_catalog(scenarios_dir: Path) -> ScenarioCatalog:
         files: list[str] = []
         for path in _set_files(scenarios_dir / set_name):
             filename = str(path)
-            parsed = _parse_with_lines(_read_bytes(path), filename=filename, default_set=set_name)
+            parsed = _parse_with_lines(
+                _read_bytes(path),
+                filename=filename,
+                default_set=set_name,
+                max_prompt_bytes=max_prompt_bytes,
+            )
             for index, (scenario, line) in enumerate(parsed):
                 if scenario.id in where_seen:
                     first_file, first_line = where_seen[scenario.id]

@@ -6,8 +6,11 @@ plus a stable ``kind``. To give a line for any path, a YAML document is composed
 nodes are walked once to record the 1-based line of every mapping key and sequence item by its
 path, and only then is the document constructed - with PyYAML's *safe* constructors only.
 
+Memory stays bounded while parsing: the composer (libyaml's event parser under PyYAML's
+composer) counts nodes as it builds them and stops at :data:`MAX_YAML_NODES` or at a nesting
+depth of :data:`MAX_YAML_DEPTH`, so a huge document is refused before it is held in memory.
 The walk also refuses what PyYAML would silently accept: a key repeated in one mapping, and
-documents that alias-expand past a node budget (a "billion laughs" file).
+documents that alias-expand past the node budget (a "billion laughs" file).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
+import yaml.cyaml
 
 from modelsmith.errors import ValidationError
 
 __all__ = [
+    "MAX_YAML_DEPTH",
     "MAX_YAML_NODES",
     "LinedYaml",
     "NodePath",
@@ -34,9 +39,74 @@ NodePath = tuple[str | int, ...]
 
 #: Past this many nodes (counting every alias expansion) a document is refused, not expanded.
 MAX_YAML_NODES: Final = 500_000
+#: Collections nested deeper than this are refused while composing.
+MAX_YAML_DEPTH: Final = 64
 
-# libyaml's loader when present (several times faster); both keep node marks for line numbers.
-_SafeLoader: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# libyaml's event parser when present (several times faster); both keep marks for line numbers.
+_Parser: Final[Any] = getattr(yaml.cyaml, "CParser", None) if yaml.__with_libyaml__ else None
+
+
+class _TooLarge(Exception):
+    def __init__(self, problem: str, line: int) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.line = line
+
+
+class _BudgetComposer(yaml.composer.Composer):
+    """PyYAML's composer, counting nodes and depth as it goes and stopping at the budget."""
+
+    nodes_composed = 0
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()  # type: ignore[attr-defined]  # the parser's half
+        line: int = event.start_mark.line + 1
+        self.nodes_composed += 1
+        if self.nodes_composed > MAX_YAML_NODES:
+            raise _TooLarge(f"more than {MAX_YAML_NODES} YAML nodes", line)
+        if isinstance(event, yaml.CollectionStartEvent):
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                raise _TooLarge(f"nested more than {MAX_YAML_DEPTH} levels", line)
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+        return super().compose_node(parent, index)
+
+
+if _Parser is not None:
+
+    class _BoundedLoader(
+        _BudgetComposer,
+        _Parser,  # type: ignore[misc]  # libyaml's parser is typed Any
+        yaml.constructor.SafeConstructor,
+        yaml.resolver.Resolver,
+    ):
+        def __init__(self, stream: str) -> None:
+            _Parser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+else:  # pragma: no cover - PyYAML without libyaml
+
+    class _BoundedLoader(  # type: ignore[no-redef]
+        yaml.reader.Reader,
+        yaml.scanner.Scanner,
+        yaml.parser.Parser,
+        _BudgetComposer,
+        yaml.constructor.SafeConstructor,
+        yaml.resolver.Resolver,
+    ):
+        def __init__(self, stream: str) -> None:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
 
 
 def file_error(
@@ -134,7 +204,7 @@ def load_yaml_with_lines(
     list and ``{list_root: [...]}`` have the same paths. Raises ValidationError (kind ``syntax``,
     ``duplicate_key`` or ``too_large``) naming the line where known.
     """
-    loader = _SafeLoader(text)
+    loader = _BoundedLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
@@ -143,6 +213,8 @@ def load_yaml_with_lines(
         prefix: NodePath = (list_root,) if is_list and list_root is not None else ()
         lines = _node_lines(root, prefix, filename)
         document = loader.construct_document(root)
+    except _TooLarge as exc:
+        raise file_error("too_large", exc.problem, file=filename, line=exc.line) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
