@@ -161,6 +161,8 @@ class Daemon:
                 read_timeout=self.config.read_timeout_s,
                 idle_timeout=self.config.idle_timeout_s,
                 max_inflight=self.config.max_inflight_per_connection,
+                max_connections=self.config.max_connections,
+                max_connections_per_uid=self.config.max_connections_per_uid,
             ),
         )
         try:

@@ -33,6 +33,13 @@ class DaemonConfig(BaseModel):
                                   "flight are closed after this.")
     max_inflight_per_connection: int = Field(default=64, ge=1, description="Concurrent requests "
                                              "on one connection.")
+    max_connections: int = Field(default=1024, ge=1, description="Connections served at once "
+                                 "(lowered at start to leave a quarter of RLIMIT_NOFILE, at least "
+                                 "64 descriptors, to the daemon); one more gets a 1011 error "
+                                 "naming the limit and is closed.")
+    max_connections_per_uid: int = Field(default=256, ge=1, description="Connections served at "
+                                         "once for one peer uid; one more gets a 1011 error "
+                                         "naming the limit and is closed.")
     shutdown_grace_s: float = Field(default=20.0, gt=0, description="On SIGTERM, running work "
                                     "gets this long to stop before it is cancelled.")
     log_format: Literal["auto", "json", "console"] = Field(default="auto", description="auto: "

@@ -47,7 +47,7 @@ def _decode_result(raw: msgspec.Raw, result_type: type[T], method: str) -> T:
                             data={"method": method}) from exc
 
 
-def _encode_request(method: str, params: Any, request_id: int | None) -> bytes:
+def _encode_request(method: str, params: Any, request_id: int) -> bytes:
     raw = msgspec.Raw(encoder.encode(params if params is not None else {}))
     return frame(encoder.encode(Request(method=method, params=raw, id=request_id)))
 

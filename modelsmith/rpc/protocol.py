@@ -12,6 +12,7 @@ import struct
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 HEADER = struct.Struct(">I")
@@ -29,24 +30,30 @@ class ErrorObject(msgspec.Struct, omit_defaults=True):
     data: dict[str, Any] | None = None
 
 
-class Request(msgspec.Struct, omit_defaults=True):
+class Request(msgspec.Struct, kw_only=True):
+    """A request as a client sends it. Without ``id`` (UNSET) it is a notification; an explicit
+    ``id=None`` is a request whose reply carries ``"id": null`` (valid, if discouraged)."""
+
+    jsonrpc: str = "2.0"
     method: str
-    jsonrpc: str = "2.0"
     params: msgspec.Raw = msgspec.Raw(b"{}")
-    id: int | str | None = None
+    id: int | str | UnsetType | None = UNSET
 
 
-class Response(msgspec.Struct, omit_defaults=True):
-    id: int | str | None
+class Response(msgspec.Struct, kw_only=True):
+    """A reply: ``jsonrpc`` and ``id`` are always on the wire (``id`` null when the request's
+    could not be read), and exactly one of ``result`` and ``error``."""
+
     jsonrpc: str = "2.0"
-    result: msgspec.Raw | None = None
-    error: ErrorObject | None = None
+    id: int | str | None
+    result: msgspec.Raw | UnsetType = UNSET
+    error: ErrorObject | UnsetType = UNSET
 
 
-class Notification(msgspec.Struct, omit_defaults=True):
+class Notification(msgspec.Struct, kw_only=True):
+    jsonrpc: str = "2.0"
     method: str
     params: msgspec.Raw
-    jsonrpc: str = "2.0"
 
 
 class IncomingMessage(msgspec.Struct, omit_defaults=True):

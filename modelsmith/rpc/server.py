@@ -7,12 +7,19 @@ Resources and errors, per connection:
 - a connection with no request in flight and no subscription is closed after ``idle_timeout``;
 - requests on one connection run concurrently (bounded by ``max_inflight``), responses are
   written under a lock so frames never interleave;
+- a frame nesting deeper than :data:`~modelsmith.rpc.inbound.MAX_NESTING_DEPTH` is answered
+  -32600 (``data.reason = "too_deep"``) without being decoded;
 - every exception becomes a typed error envelope (:func:`error_to_wire`); nothing crashes the
-  server and no traceback reaches a client.
+  server and no traceback reaches a client. An exception that escapes one connection's handling
+  anyway ends that connection only (logged), never the accept loop.
+
+Per server: connections are capped in total and per uid (:mod:`modelsmith.rpc.admission`); an
+``accept()`` that fails for lack of descriptors backs off and the loop goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -24,11 +31,27 @@ import anyio.abc
 import msgspec
 import structlog
 from anyio.streams.buffered import BufferedByteReceiveStream
+from msgspec import UnsetType
 
-from modelsmith.errors import InternalError, InvalidRequest, ParseError
+from modelsmith.errors import InternalError, InvalidRequest
+from modelsmith.rpc.admission import (
+    RESOURCE_ERRNOS,
+    AcceptBackoff,
+    ConnectionCaps,
+    effective_total_cap,
+)
 from modelsmith.rpc.context import CallContext
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.errors import error_to_wire
+from modelsmith.rpc.inbound import (
+    Batch,
+    Call,
+    Invalid,
+    nesting_exceeds,
+    parse_frame,
+    parse_message,
+    too_deep_error,
+)
 from modelsmith.rpc.peercred import PeerCredentials, PeerPolicy, peer_credentials
 from modelsmith.rpc.protocol import (
     DEFAULT_MAX_FRAME,
@@ -36,7 +59,6 @@ from modelsmith.rpc.protocol import (
     ErrorObject,
     FrameTooLarge,
     Notification,
-    Request,
     Response,
     encoder,
     frame,
@@ -49,9 +71,6 @@ __all__ = ["REPLY_SEND_TIMEOUT_S", "CallContext", "Connection", "RpcServer", "Se
 
 log = structlog.get_logger("modelsmith.rpc")
 
-_request_decoder = msgspec.json.Decoder(Request)
-
-
 class _MethodPeek(msgspec.Struct):
     method: str = ""
 
@@ -60,6 +79,8 @@ _method_peek = msgspec.json.Decoder(_MethodPeek)
 
 # How long a reply may take to reach a client that stopped reading.
 REPLY_SEND_TIMEOUT_S = 5.0
+# The one frame a connection over a cap gets: it fits any socket buffer, so this is a backstop.
+REFUSAL_SEND_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +89,8 @@ class ServerLimits:
     read_timeout: float = 30.0
     idle_timeout: float = 300.0
     max_inflight: int = 64
+    max_connections: int = 1024
+    max_connections_per_uid: int = 256
 
 
 class Connection:
@@ -177,16 +200,42 @@ class RpcServer:
         self.limits = limits or ServerLimits()
         self.connections_total = 0
         self.refused_peers = 0
+        self.caps = ConnectionCaps(
+            max_total=effective_total_cap(self.limits.max_connections),
+            max_per_uid=self.limits.max_connections_per_uid,
+        )
+        if self.caps.max_total < self.limits.max_connections:
+            log.info("connection cap lowered to fit the descriptor limit",
+                     max_connections=self.caps.max_total, configured=self.limits.max_connections)
 
     async def serve(
         self,
-        listener: anyio.abc.Listener[anyio.abc.SocketStream],
+        listener: anyio.abc.SocketListener,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with listener:
+        backoff = AcceptBackoff()
+        async with listener, anyio.create_task_group() as connections:
             task_status.started()
-            await listener.serve(self.handle_connection)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.BrokenResourceError as exc:
+                    cause = exc.__cause__
+                    if isinstance(cause, OSError) and cause.errno in RESOURCE_ERRNOS:
+                        await anyio.sleep(backoff.failed(cause))
+                        continue
+                    if isinstance(cause, OSError) and cause.errno == errno.ECONNABORTED:
+                        continue  # the peer left before we took it
+                    raise
+                backoff.succeeded()
+                connections.start_soon(self._guarded_connection, stream)
+
+    async def _guarded_connection(self, stream: anyio.abc.SocketStream) -> None:
+        try:
+            await self.handle_connection(stream)
+        except Exception:  # a bug in one connection's handling must not end the accept loop
+            log.exception("connection ended by an unexpected error")
 
     async def handle_connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -199,14 +248,29 @@ class RpcServer:
                 self.refused_peers += 1
                 log.warning("peer refused", uid=peer.uid, gid=peer.gid, pid=peer.pid)
                 return
+            refusal = self.caps.admit(peer.uid)
+            if refusal is not None:
+                await self._send_refusal(stream, refusal)
+                return
             self.connections_total += 1
-            async with anyio.create_task_group() as tg:
-                connection = Connection(stream, peer, tg)
-                try:
-                    await self._read_loop(stream, connection, tg)
-                finally:
-                    connection.closed = True
-                    tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    connection = Connection(stream, peer, tg)
+                    try:
+                        await self._read_loop(stream, connection, tg)
+                    finally:
+                        connection.closed = True
+                        tg.cancel_scope.cancel()
+            finally:
+                self.caps.release(peer.uid)
+
+    async def _send_refusal(self, stream: anyio.abc.SocketStream, refusal: Exception) -> None:
+        payload = frame(encoder.encode(Response(id=None, error=error_to_wire(refusal))))
+        with anyio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
+            try:
+                await stream.send(payload)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
 
     async def _read_loop(
         self,
@@ -247,8 +311,14 @@ class RpcServer:
                 else:
                     with anyio.fail_after(self.limits.read_timeout):
                         body = await reader.receive_exactly(size)
-            except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead):
+            except (TimeoutError, anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                 return
+            if nesting_exceeds(body):
+                # Answered here, without decoding a byte of it: the id is not read either.
+                await connection.send_message(
+                    encoder.encode(Response(id=None, error=error_to_wire(too_deep_error())))
+                )
+                continue
             if self._inline(body):
                 # A handler that never waits: serve it here, without a task of its own.
                 connection.inflight += 1
@@ -261,8 +331,8 @@ class RpcServer:
     def _inline(self, body: bytes) -> bool:
         try:
             return self.table.is_inline(_method_peek.decode(body).method)
-        except msgspec.DecodeError:
-            return False  # malformed: the dispatch path reports it
+        except Exception:  # malformed (or a batch): the dispatch path reports it
+            return False
 
     async def _serve_one(
         self, body: bytes, connection: Connection, limiter: anyio.Semaphore | None
@@ -278,38 +348,37 @@ class RpcServer:
                 limiter.release()
 
     async def dispatch(self, body: bytes, connection: Connection) -> bytes | None:
-        """Decode, route and run one message; returns the encoded reply (None for notifications)."""
-        request_id: int | str | None = None
-        is_notification = False
+        """Parse, route and run one frame's message (or batch); returns the encoded reply, None
+        when nothing is to be sent (notifications). ``body`` has passed :func:`nesting_exceeds`."""
+        message = parse_frame(body)
+        if not isinstance(message, Batch):
+            return await self._run(message, connection)
+        replies = []
+        for member in message.members:
+            reply = await self._run(parse_message(member), connection)
+            if reply is not None:
+                replies.append(reply)
+        if not replies:
+            return None  # a batch of notifications gets no frame at all
+        return b"[" + b",".join(replies) + b"]"
+
+    async def _run(self, message: Call | Invalid, connection: Connection) -> bytes | None:
+        if isinstance(message, Invalid):
+            return encoder.encode(Response(id=message.id, error=error_to_wire(message.error)))
+        request_id = None if isinstance(message.id, UnsetType) else message.id
         try:
-            request = _decode_request(body)
-            request_id = request.id
-            is_notification = request.id is None
-            if request.jsonrpc != "2.0":
-                raise InvalidRequest("jsonrpc must be '2.0'")
-            spec = self.table.get(request.method)
-            params = spec.decode_params(bytes(request.params))
+            spec = self.table.get(message.method)
+            params = spec.decode_params(message.params)
             ctx = CallContext(peer=connection.peer, connection=connection)
             result = await spec.handler(params, ctx)
-            if request.id is None:
+            if message.is_notification:
                 return None
             return encoder.encode(Response(id=request_id, result=msgspec.Raw(encoder.encode(result))))
         except Exception as exc:  # the one place every failure becomes a wire error
             error: ErrorObject = error_to_wire(exc)
             if error.code == InternalError.code:
                 log.exception("internal error in RPC handler", request_id=request_id)
-            if is_notification:
-                # JSON-RPC: a notification never gets a reply, not even an error. (An error with
-                # id null would also read as a connection-level error to the client.)
+            if message.is_notification:
+                # JSON-RPC: a valid notification never gets a reply, not even an error.
                 return None
             return encoder.encode(Response(id=request_id, error=error))
-
-
-def _decode_request(body: bytes) -> Request:
-    try:
-        return _request_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"not a JSON-RPC request: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise ParseError(f"frame is not valid JSON: {exc}") from exc
-
