@@ -61,6 +61,7 @@ __all__ = [
     "canonical_json",
     "load_catalog",
     "parse_scenarios",
+    "parse_scenarios_located",
     "prompt_byte_limit",
     "prompt_hash",
     "prompt_messages",
@@ -392,6 +393,19 @@ def parse_scenarios(
         data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes
     )
     return [s for s, _ in parsed]
+
+
+def parse_scenarios_located(
+    data: bytes,
+    *,
+    filename: str,
+    default_set: str | None = None,
+    max_prompt_bytes: int | None = None,
+) -> list[tuple[Scenario, int | None]]:
+    """:func:`parse_scenarios`, each scenario with the line it starts at (None where unknown)."""
+    return _parse_with_lines(
+        data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes
+    )
 
 
 def _read_bytes(path: Path) -> bytes:
