@@ -6,6 +6,7 @@ import contextlib
 import grp
 import os
 import socket
+import stat
 from pathlib import Path
 
 from modelsmith.errors import ConflictError, ValidationError
@@ -15,8 +16,8 @@ def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
     """Create the listening socket at ``path``.
 
     A missing directory is created 0750 (group ``group``); an existing one is left as it is.
-    A stale socket file (nobody accepting) is replaced; a live one means another daemon owns it
-    and is refused with ConflictError.
+    Only a stale *socket* is replaced (see :func:`_remove_stale_socket`): a live one means
+    another daemon owns it (ConflictError); anything else at ``path`` is never touched.
     """
     gid = -1
     if group is not None:
@@ -32,18 +33,7 @@ def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
         os.chmod(directory, 0o750)
         if gid != -1:
             os.chown(directory, -1, gid)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-        else:
-            raise ConflictError(
-                f"another daemon is already serving at {path}", data={"socket": str(path)}
-            )
-        finally:
-            probe.close()
+    _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
@@ -61,6 +51,70 @@ def bind_unix_socket(path: Path, *, group: str | None = None) -> socket.socket:
             path.unlink()
         raise
     return sock
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink ``path`` only if it is a socket file that refuses connections (nobody accepting).
+
+    A regular file, a directory, a symlink or anything else there is refused with
+    ValidationError naming the path, and left byte for byte as it was: ``--socket`` pointing at
+    a ledger must not delete the ledger.
+    """
+    if not refuse_non_socket(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a full backlog answers EAGAIN at once instead of blocking us
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # a socket file nobody accepts on: stale, ours to replace
+    except BlockingIOError:
+        # The backlog is full: someone is serving there (and is busy).
+        raise ConflictError(f"another daemon is already serving at {path}", data={"socket": str(path)}) from None
+    except OSError as exc:
+        raise ValidationError(
+            f"{path}: cannot tell whether another daemon serves there ({exc.strerror or exc}); "
+            "refusing to replace it",
+            data={"field": "socket", "socket": str(path), "reason": "socket_unprobeable"},
+        ) from exc
+    else:
+        raise ConflictError(f"another daemon is already serving at {path}", data={"socket": str(path)})
+    finally:
+        probe.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def refuse_non_socket(path: Path) -> bool:
+    """Raise ValidationError naming ``path`` when something other than a socket is there.
+
+    Returns whether a socket file is there. The daemon calls it before it opens any cluster,
+    so a wrong ``--socket`` stops it before a single file of the home is read or repaired.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISSOCK(mode):
+        return True
+    kind = _file_kind(mode)
+    raise ValidationError(
+        f"{path} exists and is {kind}, not a socket; refusing to replace it "
+        "(choose another --socket path)",
+        data={"field": "socket", "socket": str(path), "reason": "not_a_socket", "kind": kind},
+    )
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a special file"
 
 
 def bound_path(fd: int) -> Path | None:

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from modelsmith.daemon.app import Daemon
     from modelsmith.daemon.config import load_daemon_config
+    from modelsmith.daemon.listener import refuse_non_socket
     from modelsmith.daemon.logs import configure_logging
+    from modelsmith.daemon.sdnotify import listen_fds
 
     home = resolve_home(args.home)
     try:
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = served_socket_path(resolve_socket_path(args.socket or config.socket))
     daemon = Daemon(home=home, socket_path=socket_path, config=config)
     try:
+        if not listen_fds(unset_environment=False):
+            # Before any cluster is opened: a --socket aimed at a ledger must touch nothing.
+            refuse_non_socket(socket_path)
         anyio.run(daemon.run)
     except ModelsmithError as exc:
         print(f"modelsmith daemon: {exc}", file=sys.stderr)
