@@ -58,4 +58,4 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add: Any) -> None:
     p = add("config", cmd_config, "configuration reference: JSON schema or Markdown docs")
-    p.add_argument("action", choices=["schema", "docs"])
+    p.add_argument("action", choices=["schema", "docs"], help="JSON schema, or the Markdown reference")

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from modelsmith.clients import render
-from modelsmith.clients.common import ExitCode, call, emit_json, usage_error
+from modelsmith.clients.common import ExitCode, UsageError, call, emit_json
 from modelsmith.rpc.schema.loop import LoopStatus, LoopStatuses
 
 
@@ -18,7 +18,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
         loops = result.loops
     else:
         if not args.cluster:
-            return usage_error(f"loop {args.action} needs a CLUSTER")
+            raise UsageError(f"loop {args.action} needs a CLUSTER")
         result = call(args, f"loop.{args.action}", {"cluster": args.cluster}, LoopStatus)
         loops = [result]
     if args.json:
@@ -32,5 +32,5 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add: Any) -> None:
     p = add("loop", cmd_loop, "the autonomous loop: start | pause | resume | stop | status")
-    p.add_argument("action", choices=["start", "pause", "resume", "stop", "status"])
-    p.add_argument("cluster", nargs="?")
+    p.add_argument("action", choices=["start", "pause", "resume", "stop", "status"], help="what to do with the loop")
+    p.add_argument("cluster", nargs="?", help="the cluster (status: default every cluster)")

@@ -259,43 +259,43 @@ def _bundle_verify(args: argparse.Namespace, path: Path) -> int:
 
 def register(sub: Any, add: Any) -> None:
     p = add("policy", cmd_policy, "promotion policy gate: every check (exit 0 pass, 1 fail)")
-    p.add_argument("action", choices=["check"])
-    p.add_argument("cluster")
+    p.add_argument("action", choices=["check"], help="check (the only action)")
+    p.add_argument("cluster", help="the cluster whose candidate to judge")
     p.add_argument("--eval", metavar="TAG", help="the eval to judge (default: the candidate's newest)")
 
     p = add("promote", cmd_promote, "request promotion of the candidate (exit 1 if the gate fails)")
-    p.add_argument("cluster")
-    p.add_argument("--eval", metavar="TAG")
-    p.add_argument("--note")
+    p.add_argument("cluster", help="the cluster whose candidate to promote")
+    p.add_argument("--eval", metavar="TAG", help="the eval the request rests on (default: the candidate's newest)")
+    p.add_argument("--note", help="a note for the reviewer, kept in the request")
 
     p = add("promotions", cmd_promotions, "promotion requests, champions and rollback target")
-    p.add_argument("cluster")
+    p.add_argument("cluster", help="the cluster to list")
 
     signing = [("--key", {"help": f"your SSH key (default: ${KEY_ENV} or {DEFAULT_KEY})"}),
                ("--principal", {"help": "your principal in allowed_signers"})]
     p = add("approve", cmd_approve, "approve a promotion request with your SSH key")
-    p.add_argument("cluster")
-    p.add_argument("request_id")
-    p.add_argument("--reason")
+    p.add_argument("cluster", help="the cluster of the request")
+    p.add_argument("request_id", help="the request to approve (see `modelsmith promotions`)")
+    p.add_argument("--reason", help="why, recorded with your signature")
     for flag, options in signing:
         p.add_argument(flag, **options)
 
     p = add("reject", cmd_reject, "reject a promotion request with your SSH key")
-    p.add_argument("cluster")
-    p.add_argument("request_id")
-    p.add_argument("--reason", required=True)
+    p.add_argument("cluster", help="the cluster of the request")
+    p.add_argument("request_id", help="the request to reject (see `modelsmith promotions`)")
+    p.add_argument("--reason", required=True, help="why, recorded with your signature")
     for flag, options in signing:
         p.add_argument(flag, **options)
 
     p = add("rollback", cmd_rollback, "serve an earlier approved iteration again (signed)")
-    p.add_argument("cluster")
+    p.add_argument("cluster", help="the cluster to roll back")
     p.add_argument("--to", type=int, metavar="ITERATION", help="default: the previous champion")
-    p.add_argument("--reason")
+    p.add_argument("--reason", help="why, recorded with your signature")
     for flag, options in signing:
         p.add_argument(flag, **options)
 
     p = add("bundle", cmd_bundle,
             "bundle CLUSTER REQUEST_ID: write the evidence bundle; bundle verify PATH: check one")
-    p.add_argument("target", metavar="CLUSTER|verify")
-    p.add_argument("second", metavar="REQUEST_ID|PATH")
+    p.add_argument("target", metavar="CLUSTER|verify", help="the cluster, or `verify`")
+    p.add_argument("second", metavar="REQUEST_ID|PATH", help="the request to bundle, or the bundle to verify")
     p.add_argument("--home", help="verify: trust only this home's daemon key")

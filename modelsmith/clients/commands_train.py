@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from modelsmith.clients import render
-from modelsmith.clients.common import ExitCode, call, emit_json, usage_error
+from modelsmith.clients.common import ExitCode, UsageError, call, emit_json
 from modelsmith.clients.watch import follow_job
 from modelsmith.rpc.schema.jobs import JobEvent, JobSummary
 from modelsmith.rpc.schema.train import Diagnosis, TrainStarted, TrainStatus
@@ -55,7 +55,7 @@ def _metric_line(m: dict[str, Any]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.action == "start":
         if not args.cluster or not args.eval_tag:
-            return usage_error("train start needs --cluster and --eval-tag")
+            raise UsageError("train start needs --cluster and --eval-tag")
         overrides = {k: v for k, v in (("max_steps", args.max_steps), ("learning_rate", args.learning_rate)) if v is not None}
         params: dict[str, Any] = {"cluster": args.cluster, "eval_tag": args.eval_tag, "method": "grpo",
                                   "target": args.target}
@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         status = call(args, "train.status", {"job_id": job_id}, TrainStatus)
     else:
         if not args.job_id:
-            return usage_error("train status|cancel needs a JOB_ID")
+            raise UsageError("train status|cancel needs a JOB_ID")
         if args.action == "cancel":
             result = call(args, "train.cancel", {"job_id": args.job_id}, JobSummary)
             emit_json(result) if args.json else print(f"cancel requested for training job {args.job_id}")
@@ -109,15 +109,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register(sub: Any, add: Any) -> None:
     p = add("diagnose", cmd_diagnose, "failure patterns of an eval")
-    p.add_argument("tag")
-    p.add_argument("--cluster", required=True)
+    p.add_argument("tag", help="the eval's tag")
+    p.add_argument("--cluster", required=True, help="the cluster the eval belongs to")
 
     p = add("train", cmd_train, "GRPO post-training on an eval's failures: start | status | cancel")
-    p.add_argument("action", choices=["start", "status", "cancel"])
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--cluster")
-    p.add_argument("--eval-tag", dest="eval_tag")
-    p.add_argument("--target", choices=["failures", "failures+near_misses"], default="failures")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--no-wait", action="store_true")
+    p.add_argument("action", choices=["start", "status", "cancel"], help="start a job, or a job's status, or cancel it")
+    p.add_argument("job_id", nargs="?", help="status, cancel: the training job")
+    p.add_argument("--cluster", help="start: the cluster to train")
+    p.add_argument("--eval-tag", dest="eval_tag", help="start: the eval whose failures to train on")
+    p.add_argument("--target", choices=["failures", "failures+near_misses"], default="failures",
+                   help="start: which core scenarios to train on (default: failures)")
+    p.add_argument("--max-steps", type=int, help="start: most optimizer steps (default: cluster.toml's)")
+    p.add_argument("--learning-rate", type=float, help="start: learning rate (default: cluster.toml's)")
+    p.add_argument("--no-wait", action="store_true", help="start: return the job id at once")

@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from modelsmith.errors import DaemonUnreachable, ModelsmithError, error_envelope
+from modelsmith.errors import DaemonUnreachable, InvalidParams, ModelsmithError, error_envelope
 from modelsmith.rpc.client import RpcClient
 
-__all__ = ["ExitCode", "call", "client", "emit_error_json", "emit_json", "report_error", "usage_error"]
+__all__ = ["ExitCode", "UsageError", "call", "client", "emit_error_json", "emit_json", "report_error"]
 
 T = TypeVar("T")
 
@@ -32,6 +32,13 @@ class ExitCode(IntEnum):
     REFUSED = 4  # refused by the daemon (its error's name and code are printed)
     JOB_FAILED = 5  # the job failed or was cancelled
     INTERRUPTED = 130  # interrupted (Ctrl-C)
+
+
+class UsageError(InvalidParams):
+    """A command line the parser or a command refuses: exit code 2; ``invalid_params`` in JSON.
+
+    ``data["usage"]`` is the command's usage line, when the parser knows it.
+    """
 
 
 def client(args: argparse.Namespace) -> RpcClient:
@@ -56,17 +63,21 @@ def emit_error_json(exc: BaseException) -> None:
 
 
 def report_error(exc: ModelsmithError, *, as_json: bool) -> ExitCode:
-    """Tell the user why a command failed; the exit code that says so."""
+    """Tell the user why a command failed; the exit code that says so.
+
+    With ``--json`` every failure prints ``{"error": envelope}`` on stdout as well; the message
+    for people always goes to stderr.
+    """
+    if as_json:
+        emit_error_json(exc)
+    if isinstance(exc, UsageError):
+        usage = exc.data.get("usage")
+        if usage and not as_json:
+            print(usage, file=sys.stderr)
+        print(f"modelsmith: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     if isinstance(exc, DaemonUnreachable):
         print(f"modelsmith: {exc}", file=sys.stderr)
         return ExitCode.UNREACHABLE
-    if as_json:
-        emit_error_json(exc)
     print(f"modelsmith: {exc} [{exc.name} {exc.code}]", file=sys.stderr)
     return ExitCode.REFUSED
-
-
-def usage_error(message: str) -> ExitCode:
-    """A command line the parser accepted but the command cannot run."""
-    print(f"modelsmith: {message}", file=sys.stderr)
-    return ExitCode.USAGE
