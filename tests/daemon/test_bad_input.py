@@ -79,10 +79,17 @@ def test_a_frame_that_is_not_json_gets_a_parse_error(daemon: DaemonProcess) -> N
     assert reply["error"]["code"] == -32700
 
 
+def test_an_array_of_non_requests_is_a_batch_with_one_invalid_request_each(
+    daemon: DaemonProcess,
+) -> None:
+    reply: Any = exchange(daemon, b"[1, 2, 3]")
+    assert [r["error"]["code"] for r in reply] == [-32600] * 3
+
+
 @pytest.mark.parametrize(
     "payload",
-    [b"[1, 2, 3]", b'"daemon.ping"', b'{"jsonrpc": "2.0", "id": 3}', b'{"method": 42, "id": 3}'],
-    ids=["array", "string", "no-method", "method-not-a-string"],
+    [b'"daemon.ping"', b'{"jsonrpc": "2.0", "id": 3}', b'{"method": 42, "id": 3}'],
+    ids=["string", "no-method", "method-not-a-string"],
 )
 def test_json_that_is_not_a_request_gets_invalid_request(daemon: DaemonProcess, payload: bytes) -> None:
     reply = exchange(daemon, payload)
