@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import anyio
 import httpx
 import pytest
 
+from modelsmith.daemon.app import engine_spec_for
 from modelsmith.errors import EngineError, NotFound
 from modelsmith.gpu.engine import Engine, EngineState, Sampling
+from modelsmith.gpu.engines import EngineSpec, default_engine_factory
 from modelsmith.gpu.openai_engine import OpenAIEngine
 from modelsmith.gpu.vllm_engine import VllmEngine, cpu_engine_env
+from modelsmith.loop.cluster.config import load_cluster
 
 from .conftest import ENGINE_LOAD_TIMEOUT, wait_until
 
@@ -166,6 +170,43 @@ async def test_an_adapter_loaded_at_runtime_is_served_under_its_name(
     await http_engine.unload_adapter("perturbed")
     with pytest.raises(NotFound):
         await http_engine.generate(prompt, GREEDY, adapter="perturbed")
+
+
+@asynccontextmanager
+async def running(engine: Engine) -> AsyncIterator[Engine]:
+    """The engine's service in a task group of this task, warm inside the block."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        await engine.wait_ready(timeout=30)
+        yield engine
+        tg.cancel_scope.cancel()
+
+
+def openai_cluster(root: Path, base: Path, url: str, served_model: str | None) -> EngineSpec:
+    """The spec the daemon builds from a cluster.toml with ``[engine] kind = "openai"``."""
+    root.mkdir()
+    named = "" if served_model is None else f'model = "{served_model}"\n'
+    (root / "cluster.toml").write_text(
+        f'[model]\nbase = "{base}"\n\n[engine]\nkind = "openai"\nurl = "{url}"\n{named}')
+    return engine_spec_for(load_cluster(root))
+
+
+async def test_a_cluster_names_the_served_model_and_the_path_alone_is_a_typed_404(
+    vllm_server: ServerProcess, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    named = openai_cluster(tmp_path / "named", tiny_model_dir, vllm_server.url, SERVED_NAME)
+    async with running(default_engine_factory("named", named)) as engine:
+        assert engine.info().model == SERVED_NAME
+        assert (await engine.generate("What is the click-through rate?", GREEDY)).text
+
+    # Without [engine] model the base's path is sent, which this server does not serve.
+    unnamed = openai_cluster(tmp_path / "unnamed", tiny_model_dir, vllm_server.url, None)
+    async with running(default_engine_factory("unnamed", unnamed)) as engine:
+        with pytest.raises(EngineError) as refused:
+            await engine.generate("What is the click-through rate?", GREEDY)
+    assert refused.value.code == 1007  # engine_error
+    assert refused.value.data["status"] == 404
+    assert refused.value.data["model"] == str(unnamed.model)
 
 
 async def test_a_stopped_server_gives_engine_error_and_the_engine_reports_dead(
