@@ -145,7 +145,8 @@ def test_a_good_drop_joins_the_set_and_triggers_an_eval_and_a_bad_one_is_rejecte
         with start_daemon(home, no_engines=False) as daemon:
             rejected = root / "rejected" / "bad.yaml"
             assert rejected.exists() and (root / "rejected" / "bad.yaml.error.txt").exists()
-            assert "nope" in (root / "rejected" / "bad.yaml.error.txt").read_text()
+            reason = (root / "rejected" / "bad.yaml.error.txt").read_text()
+            assert "scenarios[0].rubric.criteria[0]" in reason and "nope" not in reason
             good = ("scenarios:\n  - id: drop-1\n    set: core\n    domain: adtech\n"
                     "    prompt: connected tv in mars. bucket?\n    reference: high\n"
                     "    rubric: {criteria: [{type: choice, labels: [low, mid, high]}]}\n")

@@ -29,6 +29,7 @@ trigger; files dropped while the daemon was down are taken at start.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -391,7 +392,7 @@ class InboxWatcher:
     def __init__(self, fleet: Fleet, trigger: Trigger) -> None:
         self.fleet = fleet
         self.trigger = trigger
-        self.outcomes: list[DropOutcome] = []
+        self.outcomes: collections.deque[DropOutcome] = collections.deque(maxlen=256)  # newest
         # Drops that could not even be rejected, by path and file signature: reported once.
         self._left: dict[Path, tuple[tuple[int, int, int, int], DropOutcome]] = {}
 
@@ -444,6 +445,8 @@ class InboxWatcher:
                     self._left[path] = (_signature(os.lstat(path)), outcome)
             outcomes.append(outcome)
         self.outcomes.extend(outcomes)
+        runtime.inbox_left = {p.name: o.detail for p, (_, o) in self._left.items()
+                              if p.parent == inbox}
         accepted = [o.file for o in outcomes if o.accepted]
         if accepted:
             await self.trigger(runtime, f"scenarios dropped: {', '.join(accepted)}")

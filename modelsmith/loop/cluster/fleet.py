@@ -20,7 +20,7 @@ from modelsmith.loop.cluster.recovery import records_without_ledger
 from modelsmith.loop.cluster.state import ClusterState, LoopState, apply
 from modelsmith.loop.records.events import LedgerEvent, ScenariosChanged
 from modelsmith.loop.records.ledger import Ledger, Recorded
-from modelsmith.loop.scoring.scenarios import ScenarioCatalog, load_catalog
+from modelsmith.loop.scoring.scenarios import ScenarioCatalog, load_catalog, prompt_byte_limit
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.daemon import (
     ClusterLoadError,
@@ -48,6 +48,7 @@ class ClusterRuntime:
     scenario_count: int = 0
     scenario_versions: dict[str, str] = field(default_factory=dict)
     status_error: str | None = None
+    inbox_left: dict[str, str] = field(default_factory=dict)  # drops that could not be moved
     ledger: Ledger | None = None
     catalog: ScenarioCatalog | None = None
     state: ClusterState = field(default_factory=ClusterState)
@@ -175,7 +176,9 @@ class ClusterRuntime:
         """Load the governed sets; a changed set version becomes a ledger event. Returns changed sets."""
         self.require_ledger()
         try:
-            catalog = load_catalog(self.cluster.scenarios_dir)
+            catalog = load_catalog(
+                self.cluster.scenarios_dir,
+                max_prompt_bytes=prompt_byte_limit(self.cluster.config.model.max_model_len))
         except ModelsmithError as exc:
             self.status_error = f"scenario sets do not load: {exc.message}"
             return []
@@ -221,6 +224,7 @@ class ClusterRuntime:
             champion=self.champion,
             pending_promotion=self.pending_promotion,
             status_error=self.status_error,
+            inbox_left=[f"{name}: {detail}" for name, detail in sorted(self.inbox_left.items())],
         )
 
 

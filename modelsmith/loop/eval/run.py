@@ -236,6 +236,7 @@ def summarize(
         scenarios=len(plan.scenarios),
         scored=len(results),
         judge_errors=sum(r.judge_error for r in results),
+        scoring_errors=scoring_errors(results),
         composite=composite,
         held_out=held_out,
         by_set=group_scores(results, "set"),

@@ -77,6 +77,7 @@ class ClusterStatus(msgspec.Struct, kw_only=True):
     champion: str | None
     pending_promotion: str | None
     status_error: str | None = None
+    inbox_left: list[str] = []  # drops left in the inbox: not even rejected/ could take them
 
 
 class FleetStatus(msgspec.Struct, kw_only=True):

@@ -82,6 +82,7 @@ class EvalSummary(msgspec.Struct, kw_only=True):
     finished_at: str
     duration_s: float
     results_sha256: str
+    scoring_errors: dict[str, int] = {}  # scenarios whose scoring timed out or raised, by kind
 
 
 class CriterionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
