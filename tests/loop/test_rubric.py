@@ -7,7 +7,9 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+
 from modelsmith.errors import ValidationError
+from modelsmith.loop.scoring.answers import extract_json, first_number, is_refusal_or_empty
 from modelsmith.loop.scoring.criteria import DEFAULT_JUDGE_TEMPLATE
 from modelsmith.loop.scoring.rubric import (
     ERROR_KINDS,
@@ -16,9 +18,6 @@ from modelsmith.loop.scoring.rubric import (
     LlmJudgeCriterion,
     Rubric,
     RubricScore,
-    extract_json,
-    first_number,
-    is_refusal_or_empty,
     judge_prompt,
     parse_judge_reply,
     score,

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 import yaml
+
 from modelsmith.errors import NotFound, ValidationError
 from modelsmith.loop.scoring.criteria import RegexCriterion
 from modelsmith.loop.scoring.scenarios import (
@@ -21,10 +22,10 @@ from modelsmith.loop.scoring.scenarios import (
     prompt_hash,
     prompt_messages,
     prompt_text,
-    quick_subset,
     scenario_hash,
     set_version,
 )
+from modelsmith.loop.scoring.subsets import quick_subset
 
 GOOD_YAML = """\
 # Arithmetic for the tiny cluster.

@@ -34,9 +34,9 @@ from modelsmith.loop.scoring.scenarios import (
     Scenario,
     prompt_messages,
     prompt_text,
-    quick_subset,
     scenario_hash,
 )
+from modelsmith.loop.scoring.subsets import quick_subset
 from modelsmith.rpc.schema.evals import (
     CriterionOutcome,
     EvalSummary,
