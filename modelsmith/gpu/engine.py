@@ -41,7 +41,10 @@ __all__ = [
     "EngineLifecycle",
     "EngineState",
     "PromptInput",
+    "ReplaysTokens",
     "Sampling",
+    "TemplateValue",
+    "TokenCompletion",
     "generate_concurrently",
 ]
 
@@ -57,14 +60,24 @@ class EngineState(enum.StrEnum):
     DEAD = "dead"  # failed; run() restarts it after a backoff
 
 
+TemplateValue = bool | int | float | str
+"""A value passed to a chat template as a keyword (``enable_thinking = false``)."""
+
+
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
-    """How to sample one completion. ``seed`` makes sampling at temperature > 0 repeatable."""
+    """How to sample one completion. ``seed`` makes sampling at temperature > 0 repeatable.
+
+    ``chat_template_kwargs`` travel with the request rather than the engine because one engine
+    serves every cluster on the same base model, and each cluster chooses its own (for example
+    ``{"enable_thinking": False}`` for Qwen3-style models).
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
     stop: list[str] = msgspec.field(default_factory=list)
+    chat_template_kwargs: dict[str, TemplateValue] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -76,10 +89,24 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Completion(msgspec.Struct, frozen=True):
-    """One generated answer. ``finish_reason`` is "stop" (eos or a stop string) or "length"."""
+    """One generated answer. ``finish_reason`` is "stop" (eos or a stop string) or "length".
+
+    ``reasoning`` is the reasoning text a server returned apart from the answer (vLLM's
+    ``reasoning_content`` under a reasoning parser); None when it sent none.
+    """
 
     text: str
     token_count: int
+    finish_reason: str
+    reasoning: str | None = None
+
+
+class TokenCompletion(msgspec.Struct, frozen=True, kw_only=True):
+    """A completion with its token ids and each sampled token's log-probability."""
+
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
     finish_reason: str
 
 
@@ -154,6 +181,22 @@ class Engine(Protocol):
         """Serve until cancelled: report started at once (state loading), load in the
         background, restart after failures with exponential backoff, and release everything
         (shielded, time-bounded) when cancelled."""
+        ...
+
+
+@runtime_checkable
+class ReplaysTokens(Protocol):
+    """An engine that can answer a prompt given as exact model text, with log-probabilities.
+
+    Used to replay a trainer's canaries after an adapter is hot-loaded
+    (:mod:`modelsmith.gpu.canary`); an engine without it leaves the adapter "unverified".
+    """
+
+    async def generate_tokens(
+        self, prompt_text: str, sampling: Sampling, *, adapter: str | None = None
+    ) -> TokenCompletion:
+        """One completion of ``prompt_text`` (no chat template applied), with token
+        log-probabilities; EngineError when the engine cannot serve."""
         ...
 
 

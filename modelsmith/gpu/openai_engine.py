@@ -1,7 +1,8 @@
 """An :class:`~modelsmith.gpu.engine.Engine` over any OpenAI-compatible HTTP server.
 
 For comparing against an external server (``vllm serve``, another box) or a frontier API. It
-sends chat messages to ``/v1/chat/completions``: the server applies its own chat template. The
+sends chat messages to ``/v1/chat/completions``: the server applies its own chat template (with
+the request's ``chat_template_kwargs``, which vLLM servers accept as an extra field). The
 ``model`` field is the served model's name (``[engine] model``; ``--served-model-name``), or a
 named adapter, as ``vllm serve --lora-modules name=path`` expects; a model the server does not
 serve (its 404) is an EngineError naming it.
@@ -32,6 +33,7 @@ from modelsmith.gpu.engine import (
     EngineState,
     PromptInput,
     Sampling,
+    TokenCompletion,
     generate_concurrently,
 )
 from modelsmith.gpu.prompting import messages_for
@@ -141,24 +143,75 @@ class OpenAIEngine:
             body["seed"] = sampling.seed
         if sampling.stop:
             body["stop"] = list(sampling.stop)
+        if sampling.chat_template_kwargs:
+            # vLLM's OpenAI server passes this extra field to the model's chat template.
+            body["chat_template_kwargs"] = dict(sampling.chat_template_kwargs)
         payload = await self._post("/chat/completions", body)
         try:
             choice = payload["choices"][0]
-            text = choice["message"]["content"] or ""
+            message = choice["message"]
+            text = message["content"] or ""
+            # vLLM under --reasoning-parser sends the thinking apart (older: reasoning_content).
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
             finish_reason = str(choice.get("finish_reason") or "stop")
             usage = payload.get("usage") or {}
             token_count = int(usage.get("completion_tokens") or 0)
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise EngineError(
                 f"engine {self.name!r}: unexpected completion shape from {self.base_url}",
                 data={"engine": self.name, "reason": "bad_response"},
             ) from exc
-        if not isinstance(text, str):
+        if not isinstance(text, str) or not isinstance(reasoning, str | None):
             raise EngineError(
                 f"engine {self.name!r}: completion content is not text",
                 data={"engine": self.name, "reason": "bad_response"},
             )
-        return Completion(text=text, token_count=token_count, finish_reason=finish_reason)
+        return Completion(
+            text=text, token_count=token_count, finish_reason=finish_reason, reasoning=reasoning
+        )
+
+    async def generate_tokens(
+        self, prompt_text: str, sampling: Sampling, *, adapter: str | None = None
+    ) -> TokenCompletion:
+        """One ``/v1/completions`` answer to exact model text, with token log-probabilities.
+
+        Token ids come from vLLM's ``return_tokens_as_token_ids`` extension ("token_id:N");
+        a server that does not honour it is an EngineError (the canary cannot be checked).
+        """
+        self._lifecycle.require(EngineState.WARM)
+        body: dict[str, Any] = {
+            "model": self._model_for(adapter),
+            "prompt": prompt_text,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        payload = await self._post("/completions", body)
+        try:
+            choice = payload["choices"][0]
+            text = str(choice["text"])
+            logprobs = choice["logprobs"]
+            token_ids = [int(str(token).removeprefix("token_id:")) for token in logprobs["tokens"]]
+            token_logprobs = [float(value) for value in logprobs["token_logprobs"]]
+            finish_reason = str(choice.get("finish_reason") or "stop")
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise EngineError(
+                f"engine {self.name!r}: {self.base_url}/completions sent no token ids and "
+                "log-probabilities",
+                data={"engine": self.name, "reason": "bad_response"},
+            ) from exc
+        return TokenCompletion(
+            text=text,
+            token_ids=token_ids,
+            token_logprobs=token_logprobs,
+            finish_reason=finish_reason,
+        )
 
     async def generate_many(
         self, prompts: Sequence[PromptInput], sampling: Sampling, *, adapter: str | None = None

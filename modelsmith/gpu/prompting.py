@@ -54,9 +54,16 @@ def messages_for(prompt: PromptInput) -> list[dict[str, str]]:
     return messages
 
 
-def render_prompt(tokenizer: ChatTemplateTokenizer, prompt: PromptInput) -> str:
+def render_prompt(
+    tokenizer: ChatTemplateTokenizer,
+    prompt: PromptInput,
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> str:
     """Render ``prompt`` with the tokenizer's chat template, ending in the generation prompt.
 
+    ``chat_template_kwargs`` (``[model] chat_template_kwargs``, e.g. ``{"enable_thinking":
+    False}``) are passed to the template as variables, as vLLM and transformers pass them.
     Raises ValidationError when the messages are malformed or the tokenizer has no chat template.
     """
     messages = messages_for(prompt)
@@ -66,7 +73,10 @@ def render_prompt(tokenizer: ChatTemplateTokenizer, prompt: PromptInput) -> str:
         )
     try:
         rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages,
+            tokenize=False,
+            add_generation_prompt=True,
+            **dict(chat_template_kwargs or {}),
         )
     except Exception as exc:  # jinja2 errors from a template that rejects these messages
         raise ValidationError(

@@ -42,6 +42,7 @@ from modelsmith.gpu.engine import (
     EngineState,
     PromptInput,
     Sampling,
+    TokenCompletion,
     generate_concurrently,
 )
 from modelsmith.gpu.prompting import load_tokenizer, render_prompt
@@ -175,8 +176,38 @@ class VllmEngine:
         self._lifecycle.require(EngineState.WARM)
         llm, tokenizer = self._llm, self._tokenizer
         lora_request = self._lora_request(adapter)
-        text = render_prompt(tokenizer, prompt)
-        params = _sampling_params(sampling)
+        text = render_prompt(
+            tokenizer, prompt, chat_template_kwargs=sampling.chat_template_kwargs
+        )
+        choice = await self._complete(llm, text, _sampling_params(sampling), lora_request)
+        return Completion(
+            text=choice.text,
+            token_count=len(choice.token_ids),
+            finish_reason=str(choice.finish_reason or "abort"),
+        )
+
+    async def generate_tokens(
+        self, prompt_text: str, sampling: Sampling, *, adapter: str | None = None
+    ) -> TokenCompletion:
+        """One completion of exact model text (no chat template), with each sampled token's
+        log-probability (the canary replay of :mod:`modelsmith.gpu.canary`)."""
+        self._lifecycle.require(EngineState.WARM)
+        lora_request = self._lora_request(adapter)
+        params = _sampling_params(sampling, logprobs=True)
+        choice = await self._complete(self._llm, prompt_text, params, lora_request)
+        token_ids = [int(token) for token in choice.token_ids]
+        logprobs: list[float] = []
+        for token, alternatives in zip(token_ids, choice.logprobs or [], strict=False):
+            logprobs.append(float(alternatives[token].logprob))
+        return TokenCompletion(
+            text=choice.text,
+            token_ids=token_ids,
+            token_logprobs=logprobs,
+            finish_reason=str(choice.finish_reason or "abort"),
+        )
+
+    async def _complete(self, llm: Any, text: str, params: Any, lora_request: Any) -> Any:
+        """Run one request to its end; the final CompletionOutput."""
         request_id = f"{self.name}-{next(self._request_ids)}-{uuid.uuid4().hex[:8]}"
         final: Any = None
         try:
@@ -193,12 +224,7 @@ class VllmEngine:
             raise EngineError(
                 f"engine {self.name!r} returned no output", data={"engine": self.name}
             )
-        choice = final.outputs[0]
-        return Completion(
-            text=choice.text,
-            token_count=len(choice.token_ids),
-            finish_reason=str(choice.finish_reason or "abort"),
-        )
+        return final.outputs[0]
 
     async def generate_many(
         self, prompts: Sequence[PromptInput], sampling: Sampling, *, adapter: str | None = None
@@ -424,7 +450,7 @@ class VllmEngine:
         await anyio.to_thread.run_sync(shutdown, abandon_on_cancel=True)
 
 
-def _sampling_params(sampling: Sampling) -> Any:
+def _sampling_params(sampling: Sampling, *, logprobs: bool = False) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -436,6 +462,8 @@ def _sampling_params(sampling: Sampling) -> Any:
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            # 0: the sampled token's own log-probability, no alternatives.
+            logprobs=0 if logprobs else None,
         )
     except ValueError as exc:
         raise ValidationError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,10 @@ class ModelSection(_Section):
                                      "defaults to the base directory's name.")
     max_model_len: int = Field(default=1024, ge=16, description="Context length the engine allots.")
     dtype: str = Field(default="auto", description="Weights dtype for the engine and trainer.")
+    chat_template_kwargs: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="Variables passed to the model's chat template by the "
+        "engine and the trainer alike, e.g. `{enable_thinking = false}` for Qwen3-style models "
+        "(sent as the request's `chat_template_kwargs` to an OpenAI-compatible vLLM server).")
 
 
 class EngineSection(_Section):
@@ -51,11 +55,28 @@ class EngineSection(_Section):
 
 
 class SamplingSection(_Section):
-    temperature: float = Field(default=0.0, ge=0, description="Eval sampling temperature "
-                               "(0 = greedy, deterministic).")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling for eval.")
-    max_tokens: int = Field(default=64, ge=1, description="Most new tokens per eval answer.")
+    """Eval sampling. A value left unset comes from the model's own `generation_config.json`
+    (`temperature`, `top_p`, `max_new_tokens`; `do_sample = false` means temperature 0), and
+    failing that from the default shown here: cluster.toml > generation_config.json > default."""
+
+    temperature: float | None = Field(default=None, ge=0, description="Eval sampling "
+                                      "temperature (0 = greedy, deterministic). Unset: the "
+                                      "model's generation_config.json, else 0.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling for "
+                                "eval. Unset: the model's generation_config.json, else 1.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most new tokens per eval "
+                                   "answer. Unset: the model's generation_config.json "
+                                   "`max_new_tokens`, else 64.")
     seed: int = Field(default=0, description="Sampling seed for eval.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends "
+                            "before the first one (it is not part of the answer).")
+
+
+class ScoringSection(_Section):
+    strip_reasoning: bool = Field(default=False, description="Score the answer without its "
+                                  "reasoning: `<think>...</think>` blocks (or a server's "
+                                  "`reasoning_content`) are removed before the rubric sees the "
+                                  "answer; results keep both (`response`, `reasoning`).")
 
 
 class ThresholdSection(_Section):
@@ -101,6 +122,29 @@ class TrainingSection(_Section):
     plateau_min_delta: float = Field(default=0.005, ge=0, description="Improvement that counts.")
     min_steps: int = Field(default=20, ge=0, description="Never stop early before this step.")
     lora: LoraSection = Field(default_factory=LoraSection, description="The adapter's shape.")
+    rollout: Literal["auto", "vllm", "hf"] = Field(default="auto", description="What samples "
+                                                  "GRPO completions: `vllm` (an engine in the "
+                                                  "trainer, the in-training adapter loaded every "
+                                                  "`rollout_sync_steps`; sleeps between rollouts "
+                                                  "on CUDA), `hf` (transformers generate), `auto` "
+                                                  "(vllm on CUDA when installed, else hf: on the "
+                                                  "CPU the engine's start costs more than a small "
+                                                  "job's rollouts save; bench/rollout_throughput.py).")
+    rollout_sync_steps: int = Field(default=1, ge=1, description="vllm rollouts: load the "
+                                    "in-training adapter into the engine every N steps.")
+    rollout_max_resample_rounds: int = Field(default=2, ge=0, description="Regenerate a group "
+                                             "whose completions all got the same reward (no "
+                                             "gradient) up to N times; a step costs at most "
+                                             "(1 + N) times its completions.")
+    rollout_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1, description="vllm "
+                                                  "rollouts: the device share of the trainer's "
+                                                  "own engine while it is awake.")
+    device: Literal["auto", "shared"] | Annotated[int, Field(ge=0)] = Field(
+        default="auto", description="Where the trainer runs. \"auto\": a GPU that no engine "
+        "lives on if the box has one (the least busy), else a shared one, whose engines sleep "
+        "(level 1) while it trains and wake before the adapter is loaded; \"shared\": always a "
+        "GPU with engines (they sleep); an index: that GPU. On a CPU box: the CPU, engines "
+        "stay awake. See docs/operations.md, \"Memory planning and sleep\".")
 
 
 class PolicySection(_Section):
@@ -135,6 +179,8 @@ class ClusterConfig(_Section):
     model: ModelSection = Field(description="The base model.")
     engine: EngineSection = Field(default_factory=EngineSection, description="Inference engine.")
     sampling: SamplingSection = Field(default_factory=SamplingSection, description="Eval sampling.")
+    scoring: ScoringSection = Field(default_factory=ScoringSection, description="How answers "
+                                    "are read before scoring.")
     thresholds: ThresholdSection = Field(default_factory=ThresholdSection, description="Gates.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="GRPO + LoRA.")
     policy: PolicySection = Field(default_factory=PolicySection, description="Promotion and "

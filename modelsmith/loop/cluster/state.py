@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from modelsmith.loop.records.events import (
+    AdapterChecked,
     EvalFailed,
     EvalFinished,
     EvalStarted,
@@ -80,6 +81,12 @@ class ClusterState:
     running_trains: Mapping[str, TrainStarted] = field(default_factory=lambda: MappingProxyType({}))
     scenario_versions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     loop: LoopRecord = field(default_factory=LoopRecord)
+    # The last canary check of each adapter: "verified", "unverified" or "failed".
+    adapter_checks: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def adapter_failed_check(self, adapter: str) -> bool:
+        """True when ``adapter``'s last canary check failed (it must not be served)."""
+        return self.adapter_checks.get(adapter) == "failed"
 
     @property
     def phase(self) -> LoopState:
@@ -134,6 +141,9 @@ def apply(state: ClusterState, recorded: Recorded[LedgerEvent]) -> ClusterState:
             return replace(state, champion=event.adapter, champion_eval_tag=event.eval_tag)
         case ScenariosChanged():
             return replace(state, scenario_versions=MappingProxyType(dict(event.versions)))
+        case AdapterChecked():
+            return replace(state, adapter_checks=_with(state.adapter_checks, event.adapter,  # type: ignore[arg-type]
+                                                       event.status))
         case LoopTransition():
             paused_from = LoopState(event.paused_from) if event.paused_from else None
             return replace(state, loop=LoopRecord(state=LoopState(event.to), active=event.active,

@@ -26,7 +26,10 @@ import structlog
 from modelsmith.atomic import atomic_write_bytes, fsync_dir
 from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, ValidationError
+from modelsmith.gpu.engine import Completion, Sampling
+from modelsmith.gpu.model_identity import generation_defaults
 from modelsmith.hashing import sha256_file
+from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.jobs.registry import Job
 from modelsmith.loop.scoring.rubric import CriterionResult, RubricScore, score, score_with_judge
@@ -111,7 +114,8 @@ def read_summary(runtime: ClusterRuntime, tag: str) -> EvalSummary:
 # -- scoring and aggregation ---------------------------------------------------------------
 
 
-def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None, rs: RubricScore) -> ScenarioResult:
+def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None, rs: RubricScore,
+              reasoning: str | None = None) -> ScenarioResult:
     return ScenarioResult(
         scenario_id=s.id,
         set=s.set,
@@ -135,7 +139,71 @@ def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None
         ],
         finish_reason=finish,
         completion_tokens=tokens,
+        reasoning=reasoning,
     )
+
+
+# -- reading answers: sampling and reasoning ---------------------------------------------------
+
+_THINK_OPEN = "<think>"
+_THINK_CLOSE = "</think>"
+_DEFAULT_TEMPERATURE = 0.0
+_DEFAULT_TOP_P = 1.0
+_DEFAULT_MAX_TOKENS = 64
+
+
+def eval_sampling(cluster: Cluster) -> Sampling:
+    """The eval's sampling: cluster.toml first, then the model's generation_config.json, then
+    the built-in defaults (greedy, top_p 1, 64 tokens); with the cluster's stop strings and
+    chat template variables."""
+    cfg = cluster.config.sampling
+    model = generation_defaults(cluster.base_model)
+    temperature = cfg.temperature if cfg.temperature is not None else model.temperature
+    top_p = cfg.top_p if cfg.top_p is not None else model.top_p
+    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else model.max_new_tokens
+    return Sampling(
+        temperature=_DEFAULT_TEMPERATURE if temperature is None else temperature,
+        top_p=_DEFAULT_TOP_P if top_p is None else top_p,
+        max_tokens=_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        seed=cfg.seed,
+        stop=list(cfg.stop),
+        chat_template_kwargs=dict(cluster.config.model.chat_template_kwargs),
+    )
+
+
+def split_reasoning(text: str, reasoning: str | None = None) -> tuple[str, str | None]:
+    """``(answer, reasoning)`` of a completion, as ``[scoring] strip_reasoning`` reads it.
+
+    The rule (docs/scenarios.md): every ``<think>...</think>`` block is reasoning; a
+    ``</think>`` with no ``<think>`` before it closes reasoning that began in the prompt (chat
+    templates that open the block themselves), so all text before it is reasoning; an
+    unterminated ``<think>`` (the answer ran out of tokens while thinking) makes the rest
+    reasoning and leaves no answer. A server's separate ``reasoning_content`` is kept as well.
+    Whitespace around the answer is trimmed. No reasoning found: ``(text, reasoning)``.
+    """
+    parts: list[str] = [reasoning] if reasoning else []
+    answer: list[str] = []
+    rest = text
+    first_close = rest.find(_THINK_CLOSE)
+    first_open = rest.find(_THINK_OPEN)
+    if first_close != -1 and (first_open == -1 or first_close < first_open):
+        parts.append(rest[:first_close])
+        rest = rest[first_close + len(_THINK_CLOSE):]
+    while True:
+        start = rest.find(_THINK_OPEN)
+        if start == -1:
+            answer.append(rest)
+            break
+        answer.append(rest[:start])
+        end = rest.find(_THINK_CLOSE, start + len(_THINK_OPEN))
+        if end == -1:
+            parts.append(rest[start + len(_THINK_OPEN):])
+            break
+        parts.append(rest[start + len(_THINK_OPEN):end])
+        rest = rest[end + len(_THINK_CLOSE):]
+    if len(parts) == (1 if reasoning else 0) and len(answer) == 1:
+        return text, reasoning
+    return "".join(answer).strip(), "\n".join(p.strip() for p in parts)
 
 
 def weighted_mean(results: Sequence[ScenarioResult]) -> float:
@@ -299,10 +367,28 @@ def scoring_errors(results: Sequence[ScenarioResult]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def score_batch(items: Sequence[tuple[Scenario, str, str | None, int | None]]) -> list[ScenarioResult]:
+Answer = tuple[Scenario, str, str | None, int | None, str | None]
+"""A scenario's answer as scored: (scenario, text, finish reason, tokens, reasoning)."""
+
+
+def read_answer(s: Scenario, completion: Completion, strip_reasoning: bool) -> Answer:
+    """The answer to score for ``completion``: its reasoning removed when the cluster says so."""
+    text, reasoning = completion.text, completion.reasoning
+    if strip_reasoning:
+        text, reasoning = split_reasoning(text, reasoning)
+    return (s, text, completion.finish_reason, completion.token_count, reasoning)
+
+
+def score_batch(items: Sequence[Answer | tuple[Scenario, str, str | None, int | None]]
+                ) -> list[ScenarioResult]:
     """Score a batch of answers (runs in a worker thread); each answer's scoring is bounded in
-    time and its failure is its own."""
-    return [to_result(s, text, finish, tokens, score_one(s, text)) for s, text, finish, tokens in items]
+    time and its failure is its own. An item may leave out the reasoning (None)."""
+    out: list[ScenarioResult] = []
+    for item in items:
+        s, text, finish, tokens = item[0], item[1], item[2], item[3]
+        reasoning = item[4] if len(item) > 4 else None
+        out.append(to_result(s, text, finish, tokens, score_one(s, text), reasoning))
+    return out
 
 
 def has_judge(s: Scenario) -> bool:
@@ -336,7 +422,8 @@ async def execute_eval(
     try:
         plain = [s for s in todo if not has_judge(s)]
         judged = [s for s in todo if has_judge(s)]
-        pending: list[tuple[Scenario, str, str | None, int | None]] = []
+        strip = runtime.cluster.config.scoring.strip_reasoning
+        pending: list[Answer] = []
 
         async def flush() -> None:
             batch = list(pending)
@@ -348,24 +435,25 @@ async def execute_eval(
 
         prompts = [prompt_messages(s) for s in plain]
         async for index, completion in engine.generate_many(prompts, sampling, adapter=adapter_name):
-            pending.append((plain[index], completion.text, completion.finish_reason, completion.token_count))
+            pending.append(read_answer(plain[index], completion, strip))
             if len(pending) >= SCORE_BATCH:
                 await flush()
         if pending:
             await flush()
         for s in judged:
             completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
+            _, answer, finish, tokens, reasoning = read_answer(s, completion, strip)
 
             async def judge_fn(text: str) -> str:
                 verdict = await engine.generate(text, sampling)
                 return str(verdict.text)
 
             try:
-                rs = await score_with_judge(s.rubric, completion.text, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
+                rs = await score_with_judge(s.rubric, answer, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
             except Exception as exc:
                 log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
                 rs = scoring_failure(s, exc)
-            scored = [to_result(s, completion.text, completion.finish_reason, completion.token_count, rs)]
+            scored = [to_result(s, answer, finish, tokens, rs, reasoning)]
             await anyio.to_thread.run_sync(writer.write, scored)
             results.extend(scored)
             job.set_progress(len(results), total)

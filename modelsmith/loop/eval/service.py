@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from modelsmith.errors import ConflictError, NotFound, ValidationError, error_envelope
-from modelsmith.gpu.engine import Engine, Sampling
+from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
@@ -17,6 +17,7 @@ from modelsmith.loop.eval.run import (
     EvalPlan,
     check_tag,
     eval_dir,
+    eval_sampling,
     execute_eval,
     read_results,
     read_summary,
@@ -25,6 +26,7 @@ from modelsmith.loop.eval.run import (
 from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.loop.records.events import EvalFailed, EvalFinished, failure_of
 from modelsmith.loop.records.events import EvalStarted as EvalStartedEvent
+from modelsmith.loop.train.hot_load import require_not_failed
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import (
     EvalCompareParams,
@@ -161,14 +163,20 @@ class EvalService:
             adapter=plan.adapter, adapter_hash=plan.adapter_hash, domain=params.domain,
             log=job.log_path))
         try:
-            await engine.wait_ready(timeout=600)
-            adapter_name = None
-            if plan.adapter is not None and plan.adapter_path is not None:
-                adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
-            cfg = runtime.cluster.config.sampling
-            sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed)
-            summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
-                                         adapter_name=adapter_name)
+            # Waits while the engine loads or sleeps for a trainer (bounded: the pool's
+            # wait_awake_s), and keeps it awake until the last answer: no request meets a
+            # sleeping engine.
+            if self.engines.gate_for(runtime.cluster.name).asleep:
+                job.message = f"eval {plan.tag}: waiting for the engine to wake (a trainer has its GPU)"
+            async with self.engines.serving(runtime.cluster.name):
+                job.message = f"eval {plan.tag}"
+                adapter_name = None
+                if plan.adapter is not None and plan.adapter_path is not None:
+                    require_not_failed(runtime, plan.adapter)  # its canaries failed: not served
+                    adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
+                sampling = eval_sampling(runtime.cluster)
+                summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
+                                             adapter_name=adapter_name)
             summary_bytes = await anyio.Path(eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

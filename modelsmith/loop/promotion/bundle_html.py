@@ -99,6 +99,8 @@ def _overview(page: BundlePage) -> str:
         ("Cluster", _e(request.get("cluster"))),
         ("Model", f"{_e(request.get('model', {}).get('name'))} "
                   f"<code>{_e(request.get('model', {}).get('base_model'))}</code>"),
+        ("Base model sha256", f"<code>{_e(request.get('model', {}).get('base_model_sha256'))}"
+                              "</code> (config.json + weights index)"),
         ("Adapter", f"{_e(adapter.get('name'))} <code>{_e(adapter.get('sha256'))}</code>"),
         ("Eval tag", f"{_e(evaluation.get('tag'))} ({_e(summary.get('scenarios'))} scenarios, "
                      f"type {_e(evaluation.get('type'))})"),

@@ -44,6 +44,9 @@ class RequesterRef(_Record, frozen=True, kw_only=True):
 class ModelRef(_Record, frozen=True, kw_only=True):
     name: str
     base_model: str
+    # Content hash of the base's config.json + weights index (gpu/model_identity.py), so a
+    # reviewer knows which base the adapter belongs to; None in records written before it.
+    base_model_sha256: str | None = None
 
 
 class AdapterRef(_Record, frozen=True, kw_only=True):

@@ -50,6 +50,7 @@ from modelsmith.errors import (
     ValidationError,
 )
 from modelsmith.gpu.engine import Engine
+from modelsmith.gpu.model_identity import base_model_identity
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.promotion.policy import TRAINING_MANIFEST, check_policy, iteration_of
@@ -87,6 +88,7 @@ from modelsmith.loop.records.events import (
 from modelsmith.loop.records.events import PromotionRequested as PromotionRequestedEvent
 from modelsmith.loop.records.events import RollbackDone as RollbackDoneEvent
 from modelsmith.loop.records.signing import DaemonKey, verify_record
+from modelsmith.loop.train.hot_load import CheckContext, load_verified, require_not_failed
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.promotion import (
     BundleExported,
@@ -121,6 +123,8 @@ class ServesAdapters(Protocol):
     def engine_for(self, cluster: str) -> Engine: ...
 
     async def ensure_adapter(self, cluster: str, name: str, path: Path) -> str: ...
+
+    async def unload_adapter(self, cluster: str, name: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +217,7 @@ class PromotionService:
                 lambda: self._decide(runtime, request_id, statement, signature, principal))
             result: PromotionDecided = outcome.result
             if outcome.serve is not None:
-                result.engine = await self._serve(cluster, *outcome.serve)
+                result.engine = await self._serve(cluster, *outcome.serve, context="approval")
             return result
 
     async def rollback(self, cluster: str, statement: str, signature: str,
@@ -225,7 +229,7 @@ class PromotionService:
                 lambda: self._rollback(runtime, statement, signature, principal))
             result: RollbackDone = outcome.result
             # The base model needs no adapter: every engine serves it without one.
-            result.engine = (await self._serve(cluster, *outcome.serve)
+            result.engine = (await self._serve(cluster, *outcome.serve, context="rollback")
                              if outcome.serve is not None else "serving")
             return result
 
@@ -245,8 +249,24 @@ class PromotionService:
                               tarball=str(built.tarball), tarball_sha256=built.tarball_sha256,
                               files=built.files)
 
-    async def _serve(self, cluster: str, adapter: str, path: Path) -> str:
-        """Load the new champion into the cluster's engine; the ledger already decided."""
+    async def restore_champions(self) -> None:
+        """Load every cluster's recorded champion into its engine, checked by its canaries
+        (context "restart"): a restarted daemon serves what the ledger says, verified. Runs in
+        the daemon's task group; failures are logged and recorded, never raised."""
+        if self.engines is None:
+            return
+        for name, runtime in sorted(self.fleet.runtimes.items()):
+            champion = runtime.champion
+            if champion is None:
+                continue
+            state = await self._serve(name, champion, runtime.adapter_path(champion),
+                                      context="restart")
+            log.info("champion restored", cluster=name, adapter=champion, engine=state)
+
+    async def _serve(self, cluster: str, adapter: str, path: Path, *,
+                     context: CheckContext) -> str:
+        """Load the new champion into the cluster's engine and check its canaries; the ledger
+        already decided (a failed check is recorded as adapter.checked and reported here)."""
         if self.engines is None:
             return "off"
         try:
@@ -255,7 +275,7 @@ class PromotionService:
             return "off"
         try:
             with anyio.fail_after(SERVE_TIMEOUT_S):
-                await self.engines.ensure_adapter(cluster, adapter, path)
+                await load_verified(self.fleet.get(cluster), self.engines, adapter, path, context)
         except (ModelsmithError, TimeoutError) as exc:
             message = exc.message if isinstance(exc, ModelsmithError) else "timed out"
             log.warning("champion not loaded into the engine", cluster=cluster,
@@ -316,6 +336,8 @@ class PromotionService:
             raise ConflictError(f"request {runtime.pending_promotion} of {runtime.cluster.name} "
                                 "awaits a decision; approve or reject it first",
                                 data={"request_id": runtime.pending_promotion})
+        if runtime.candidate is not None:
+            require_not_failed(runtime, runtime.candidate)
         evidence = check_policy(runtime, eval_tag)
         report = evidence.report
         if not report.passed:
@@ -340,7 +362,8 @@ class PromotionService:
                                       pid=requester.pid),
             note=note,
             model=ModelRef(name=runtime.cluster.model_name,
-                           base_model=str(runtime.cluster.base_model)),
+                           base_model=str(runtime.cluster.base_model),
+                           base_model_sha256=_base_identity(runtime, evidence.training_manifest)),
             iteration=iteration,
             adapter=AdapterRef(name=candidate, path=str(adapter_path),
                                sha256=evidence.adapter_sha256),
@@ -585,3 +608,13 @@ class PromotionService:
                   "A reviewer's SSH-signed rollback to an earlier approved iteration.")
         table.add("bundle.export", BundleExportParams, bundle_export,
                   "Write the evidence bundle (index.html + bundle.tar.gz) of a request.")
+
+
+def _base_identity(runtime: ClusterRuntime, manifest: dict[str, Any] | None) -> str | None:
+    """The base model the adapter was trained on, by content: the training manifest's hash
+    (recorded when training began), else the base directory's hash now."""
+    recorded = (manifest or {}).get("base_model_sha256")
+    if isinstance(recorded, str):
+        return recorded
+    identity = base_model_identity(runtime.cluster.base_model)
+    return identity.sha256 if identity else None

@@ -15,6 +15,7 @@ The kinds::
     train.started / iteration.advanced / train.failed
     promotion.requested / promotion.signed / promotion.approved / promotion.rejected
     rollback.done
+    adapter.checked      an adapter loaded into an engine was replayed against its canaries
 
 Field names are the stored names; new fields get defaults so that older entries still decode.
 """
@@ -31,6 +32,7 @@ from modelsmith.errors import error_envelope
 
 __all__ = [
     "EVENT_TYPES",
+    "AdapterChecked",
     "ApprovalItem",
     "ErrorInfo",
     "EvalFailed",
@@ -278,19 +280,38 @@ class RollbackDone(_Event, frozen=True, tag="rollback.done"):
     sha256: str
 
 
+class AdapterChecked(_Event, frozen=True, tag="adapter.checked"):
+    """An adapter loaded into an engine was replayed against its trainer's canaries.
+
+    ``status``: "verified", "unverified" (no canaries.json, or an engine that cannot replay:
+    recorded, not a failure) or "failed" (``error`` says which canary and why; the adapter is
+    not served). ``context``: "hot_load" (after training), "approval", "rollback" or "restart".
+    """
+
+    adapter: str
+    status: str
+    context: str
+    canaries: int = 0
+    max_logprob_diff: float | None = None
+    tolerance: float | None = None
+    reason: str | None = None
+    error: ErrorInfo | None = None
+
+
 LedgerEvent: TypeAlias = (
     ScenariosChanged | ScenariosIngested | LoopTransition
     | EvalStarted | EvalFinished | EvalFailed
     | TrainStarted | IterationAdvanced | TrainFailed
     | PromotionRequested | PromotionSigned | PromotionApproved | PromotionRejected
-    | RollbackDone
+    | RollbackDone | AdapterChecked
 )
 
 EVENT_TYPES: dict[str, type[_Event]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
     for cls in (ScenariosChanged, ScenariosIngested, LoopTransition, EvalStarted, EvalFinished,
                 EvalFailed, TrainStarted, IterationAdvanced, TrainFailed, PromotionRequested,
-                PromotionSigned, PromotionApproved, PromotionRejected, RollbackDone)
+                PromotionSigned, PromotionApproved, PromotionRejected, RollbackDone,
+                AdapterChecked)
 }
 for _kind, _cls in EVENT_TYPES.items():
     _cls.KIND = _kind

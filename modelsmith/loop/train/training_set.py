@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from modelsmith.errors import LeakageError, ValidationError
+from modelsmith.gpu.model_identity import base_model_identity
 from modelsmith.loop.scoring.scenarios import Scenario, ScenarioCatalog, prompt_hash, scenario_hash
 from modelsmith.rpc.schema.evals import ScenarioResult
 
@@ -46,6 +48,10 @@ class TrainingManifest(msgspec.Struct, kw_only=True):
     near_miss_margin: float
     metrics_log: str
     created_at: str
+    # A content hash of the base model's config.json and weights index
+    # (modelsmith.gpu.model_identity); None for manifests written before it existed, or a
+    # base with no local config.json.
+    base_model_sha256: str | None = None
 
 
 def _digest(items: Sequence[str]) -> str:
@@ -95,4 +101,7 @@ def build_manifest(
             f"held-out scenarios would reach training: {', '.join(proof.violations)}",
             data={"violations": proof.violations},
         )
+    if "base_model_sha256" not in fields and "base_model" in fields:
+        identity = base_model_identity(Path(fields["base_model"]))
+        fields["base_model_sha256"] = identity.sha256 if identity else None
     return TrainingManifest(scenarios=refs, leakage_check=proof, scenario_sets=catalog.versions(), **fields)

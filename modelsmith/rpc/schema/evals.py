@@ -114,6 +114,9 @@ class ScenarioResult(msgspec.Struct, kw_only=True):
     criteria: list[CriterionOutcome]
     finish_reason: str | None
     completion_tokens: int | None
+    # The reasoning removed before scoring ([scoring] strip_reasoning); ``response`` is the
+    # answer that was scored. None when nothing was removed (and in older results).
+    reasoning: str | None = None
 
 
 class EvalResultsParams(QueryParams):
