@@ -1,5 +1,8 @@
 """The GRPO trainer child process: ``python -m modelsmith.gpu.trainer SPEC.json``.
 
+``python -m modelsmith.gpu.trainer --warm`` imports torch, transformers, TRL and PEFT first and
+then waits for one job on stdin (see :func:`_wait_for_job`); EOF on stdin makes it exit 0.
+
 It trains a LoRA adapter with TRL's ``GRPOTrainer`` on the spec's scenarios, rewarding each
 completion with the scenario's own rubric (what is graded is what is trained), and reports on
 stdout one JSON event per line (see :mod:`modelsmith.gpu.trainer_spec`). Everything else that
@@ -35,6 +38,7 @@ from typing import Any
 import msgspec
 
 from modelsmith.errors import LeakageError, ModelsmithError, ValidationError
+from modelsmith.gpu.trainer_rollouts import RolloutBackend
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
     ConvergenceSpec,
@@ -43,6 +47,7 @@ from modelsmith.gpu.trainer_spec import (
     TrainerEvent,
     TrainerFailed,
     TrainerMetric,
+    TrainerReleased,
     TrainerStarted,
     TrainerStopped,
     TrainJobSpec,
@@ -57,6 +62,7 @@ EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
 
 CHECKPOINTS_DIR = "checkpoints"
+WARM_FLAG = "--warm"
 HELD_OUT_SET = "held-out"
 
 
@@ -215,6 +221,14 @@ def _pick_device(spec: TrainJobSpec) -> str:
     return spec.device
 
 
+def _rollout_backend(spec: TrainJobSpec, device: str) -> RolloutBackend:
+    if spec.rollout.backend != "auto":
+        return spec.rollout.backend
+    import importlib.util
+
+    return "vllm" if device == "cuda" and importlib.util.find_spec("vllm") else "hf"
+
+
 def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> list[str]:
     """Each prompt as eval renders it, cut from the left to ``max_prompt_length`` tokens."""
     from modelsmith.gpu.prompting import render_prompt
@@ -233,10 +247,9 @@ def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) ->
     return rendered
 
 
-def _build_dataset(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> Any:
+def _build_dataset(spec: TrainJobSpec, prompts: list[str], scenarios: list[Any]) -> Any:
     from datasets import Dataset
 
-    prompts = _render_prompts(spec, tokenizer, scenarios)
     ids = [scenario.id for scenario in scenarios]
     # TRL drops incomplete generation batches: repeat rows until one step's worth of groups fits.
     groups_per_step = max(
@@ -249,6 +262,23 @@ def _build_dataset(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> 
     return Dataset.from_dict({"prompt": prompts * copies, "scenario_id": ids * copies})
 
 
+def make_prompt_scorer(
+    prompts: list[str], scenarios: list[Any]
+) -> Any:
+    """(rendered prompt, completion) -> rubric score, for the rollout sampler's resampling."""
+    from modelsmith.loop.scoring.rubric import score
+
+    by_prompt: dict[str, Any] = {}
+    for text, scenario in zip(prompts, scenarios, strict=True):
+        by_prompt.setdefault(text, scenario)  # identical prompts: the first rubric decides
+
+    def score_completion(prompt: str, completion: str) -> float:
+        scenario = by_prompt[prompt]
+        return float(score(scenario.rubric, completion, scenario.reference).score)
+
+    return score_completion
+
+
 def make_reward_function(scenarios: list[Any], stop: StopState) -> Any:
     """The rubric as a TRL reward function; the dataset's ``scenario_id`` column picks the rubric."""
     from modelsmith.loop.scoring.rubric import score
@@ -256,13 +286,20 @@ def make_reward_function(scenarios: list[Any], stop: StopState) -> Any:
     by_id = {scenario.id: scenario for scenario in scenarios}
 
     def rubric_reward(
-        completions: list[Any], scenario_id: list[str], **_: Any
+        completions: list[Any],
+        scenario_id: list[str],
+        rubric_rewards: list[float] | None = None,
+        **_: Any,
     ) -> list[float | None]:
         rewards: list[float | None] = []
-        for completion, sid in zip(completions, scenario_id, strict=True):
-            scenario = by_id[sid]
-            text = completion if isinstance(completion, str) else completion[-1]["content"]
-            value = float(score(scenario.rubric, text, scenario.reference).score)
+        for index, (completion, sid) in enumerate(zip(completions, scenario_id, strict=True)):
+            if rubric_rewards is not None:
+                # Scored already by the rollout sampler (the same rubric on the same text).
+                value = float(rubric_rewards[index])
+            else:
+                scenario = by_id[sid]
+                text = completion if isinstance(completion, str) else completion[-1]["content"]
+                value = float(score(scenario.rubric, text, scenario.reference).score)
             if not math.isfinite(value):
                 # TRL averages NaN rewards away; we must notice them ourselves.
                 stop.non_finite_reward = f"reward {value} for scenario {sid}"
@@ -295,7 +332,7 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def _make_callbacks(
-    spec: TrainJobSpec, events: EventWriter, stop: StopState, model: Any
+    spec: TrainJobSpec, events: EventWriter, stop: StopState, model: Any, rollouts: Any
 ) -> list[Any]:
     import torch
     from transformers import TrainerCallback
@@ -343,6 +380,10 @@ def _make_callbacks(
             steps = state.global_step - self.last_log_step
             seconds = (now - self.last_log_time) / steps if self.last_log_time and steps else None
             self.last_log_time, self.last_log_step = now, state.global_step
+            drawn = rollouts.stats.take()
+            rate = (
+                drawn.completion_tokens / drawn.generate_seconds if drawn.generate_seconds else None
+            )
             events.emit(
                 TrainerMetric(
                     step=state.global_step,
@@ -354,6 +395,10 @@ def _make_callbacks(
                     completion_length=_finite_or_none(logs.get("completions/mean_length")),
                     seconds_per_step=seconds,
                     epoch=_finite_or_none(logs.get("epoch")),
+                    zero_variance_group_share=_finite_or_none(logs.get("frac_reward_zero_std")),
+                    zero_variance_first_draw_share=drawn.uniform_first_draw_share,
+                    extra_rollouts=drawn.extra_rollouts,
+                    rollout_tokens_per_second=rate,
                 )
             )
             bad = [k for k in ("loss", "reward", "grad_norm", "kl") if _is_non_finite(logs.get(k))]
@@ -390,7 +435,33 @@ def _model_output_non_finite(model: Any, tokenizer: Any, prompt: str) -> bool:
 
 
 def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
-    """Train, report, save; returns the exit code. Raises on failure (exit code 1)."""
+    """Train, report, save, release; returns the exit code. Raises on failure (exit code 1)."""
+    import torch
+
+    held: dict[str, Any] = {}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        return _train(spec, events, stop, held)
+    finally:
+        rollouts = held.pop("rollouts", None)
+        if rollouts is not None:
+            rollouts.close()
+        held.clear()  # the trainer, model and optimiser: their last references
+        import gc
+
+        gc.collect()
+        peak = final = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            peak = int(torch.cuda.max_memory_allocated())
+            final = int(torch.cuda.memory_allocated())
+        events.emit(TrainerReleased(peak_device_bytes=peak, final_device_bytes=final))
+
+
+def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[str, Any]) -> int:
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
@@ -399,6 +470,8 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
 
     from modelsmith.gpu.adapters import manifest_sha256, save_adapter_atomically
     from modelsmith.gpu.prompting import load_tokenizer
+    from modelsmith.gpu.trainer_canaries import CANARIES_FILE, encode_canaries, record_canaries
+    from modelsmith.gpu.trainer_rollouts import RolloutSampler
 
     scenarios = decode_scenarios(spec)
     device = _pick_device(spec)
@@ -407,7 +480,8 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
     tokenizer = load_tokenizer(Path(spec.base_model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = _build_dataset(spec, tokenizer, scenarios)
+    prompts = _render_prompts(spec, tokenizer, scenarios)
+    dataset = _build_dataset(spec, prompts, scenarios)
 
     torch.manual_seed(spec.grpo.seed)  # LoRA init is random
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -448,6 +522,29 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         use_cpu=device == "cpu",
         bf16=bf16,
     )
+    rollouts = RolloutSampler(
+        backend=_rollout_backend(spec, device),
+        score=make_prompt_scorer(prompts, scenarios),
+        tokenizer=tokenizer,
+        group_size=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        max_resample_rounds=spec.rollout.max_resample_rounds,
+        sync_steps=spec.rollout.sync_steps,
+        work_dir=Path(spec.work_dir),
+        base_model=spec.base_model,
+        device=device,
+        dtype="bfloat16" if bf16 else "float32",
+        lora_rank=spec.lora.r,
+        # Prompts are cut to max_prompt_length; the model's own limit bounds the engine's.
+        max_model_len=min(
+            g.max_prompt_length + g.max_completion_length,
+            int(getattr(model.config, "max_position_embeddings", 1 << 30)),
+        ),
+        gpu_memory_utilization=spec.rollout.gpu_memory_utilization,
+        seed=g.seed,
+    )
+    held["rollouts"] = rollouts
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=make_reward_function(scenarios, stop),
@@ -455,10 +552,14 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        rollout_func=rollouts,
     )
+    held["trainer"] = trainer
+    del model
     trained: Any = trainer.model
-    for callback in _make_callbacks(spec, events, stop, trained):
+    for callback in _make_callbacks(spec, events, stop, trained, rollouts):
         trainer.add_callback(callback)
+    rollouts.start()  # the engine's start is set-up, not a step
 
     resume_from = latest_checkpoint(checkpoints_dir) if spec.resume else None
     events.emit(
@@ -489,9 +590,16 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
     if reason == "non_finite":
         return EXIT_OK
 
+    rollouts.close()  # the engine's memory is not needed for the canaries or the save
+    canary_prompts = [(s.id, p) for s, p in zip(scenarios, prompts, strict=True)][: spec.canaries]
+    canaries = record_canaries(trained, tokenizer, canary_prompts, g.max_completion_length)
     output_dir = Path(spec.output_dir)
     manifest = save_adapter_atomically(
-        trained, output_dir, base_model=spec.base_model, replace=spec.resume
+        trained,
+        output_dir,
+        base_model=spec.base_model,
+        replace=spec.resume,
+        extra_files={CANARIES_FILE: encode_canaries(canaries)} if canaries else None,
     )
     events.emit(
         AdapterSaved(
@@ -502,6 +610,33 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         )
     )
     return EXIT_OK
+
+
+def _import_training_stack() -> None:
+    """What every job imports: done by a warm child before its spec arrives."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: F401
+
+    import modelsmith.gpu.trainer_canaries
+    import modelsmith.gpu.trainer_rollouts
+    import modelsmith.loop.scoring.rubric  # noqa: F401
+
+
+def _wait_for_job() -> list[str] | None:
+    """Warm mode: one JSON line on stdin, ``{"spec": PATH, "env": {...}}``; None at EOF.
+
+    The environment (``CUDA_VISIBLE_DEVICES`` for the leased GPU) is applied here, before CUDA is
+    initialised, so one warm child serves whichever device the next job is given.
+    """
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    request = msgspec.json.decode(line.encode(), type=dict[str, Any])
+    os.environ.update({str(k): str(v) for k, v in dict(request.get("env") or {}).items()})
+    return [str(request["spec"])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +653,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
+    if args == [WARM_FLAG]:
+        _import_training_stack()
+        job = _wait_for_job()
+        if job is None:
+            return EXIT_OK  # the daemon went away (or no longer wants a warm trainer)
+        args = job
     if len(args) != 1:
         print("usage: python -m modelsmith.gpu.trainer SPEC.json", file=sys.stderr)
         events.emit(TrainerFailed(error="bad_spec", detail="expected exactly one SPEC.json"))

@@ -30,6 +30,7 @@ from modelsmith.gpu.trainer_spec import (
     ConvergenceSpec,
     GrpoSpec,
     LoraSpec,
+    RolloutSpec,
     TrainerCheckpoint,
     TrainerEvent,
     TrainerMetric,
@@ -38,6 +39,7 @@ from modelsmith.gpu.trainer_spec import (
     TrainJobSpec,
     estimate_duration_minutes,
 )
+from modelsmith.gpu.warm_trainer import WarmTrainer
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.diagnose import diagnose_eval
@@ -74,6 +76,7 @@ class TrainService:
         self.engines = engines
         self.evals = evals
         self.leases = leases
+        self.warm_trainer = WarmTrainer()  # the next job's trainer, imports done
 
     # -- building the job ---------------------------------------------------------------
     def spec_for(self, runtime: ClusterRuntime, params: TrainStartParams, job_id: str, iteration: int,
@@ -105,6 +108,9 @@ class TrainService:
             ),
             convergence=ConvergenceSpec(plateau_window=t.plateau_window, plateau_min_delta=t.plateau_min_delta,
                                         plateau_patience=t.plateau_patience, min_steps=t.min_steps),
+            rollout=RolloutSpec(backend=t.rollout, sync_steps=t.rollout_sync_steps,
+                                max_resample_rounds=t.rollout_max_resample_rounds,
+                                gpu_memory_utilization=t.rollout_gpu_memory_utilization),
             resume=resume,
         )
 
@@ -214,7 +220,8 @@ class TrainService:
                 # The trainer sees only its leased GPU (else the HF Trainer takes every one).
                 env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
                        if device.kind == "cuda" else None)
-                outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env)
+                outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env,
+                                               warm=self.warm_trainer)
             trained_at = time.monotonic()
             stopped = outcome.stopped
             if stopped is None or stopped.reason not in ("completed", "plateau"):
