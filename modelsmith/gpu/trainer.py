@@ -29,8 +29,6 @@ import signal
 import sys
 import time
 import traceback
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -38,13 +36,19 @@ from typing import Any
 import msgspec
 
 from modelsmith.errors import LeakageError, ModelsmithError, ValidationError
+from modelsmith.gpu.trainer_control import (
+    EventWriter,
+    PlateauDetector,
+    StopState,
+    finite_or_none,
+    is_non_finite,
+    take_over_stdout,
+)
 from modelsmith.gpu.trainer_rollouts import RolloutBackend
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
-    ConvergenceSpec,
     StopReason,
     TrainerCheckpoint,
-    TrainerEvent,
     TrainerFailed,
     TrainerMetric,
     TrainerReleased,
@@ -52,7 +56,6 @@ from modelsmith.gpu.trainer_spec import (
     TrainerStopped,
     TrainJobSpec,
     decode_spec,
-    encode_event,
 )
 
 __all__ = ["EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "PlateauDetector", "main"]
@@ -64,97 +67,6 @@ EXIT_BAD_SPEC = 2
 CHECKPOINTS_DIR = "checkpoints"
 WARM_FLAG = "--warm"
 HELD_OUT_SET = "held-out"
-
-
-class EventWriter:
-    """Writes events, one JSON line each, to the descriptor that was stdout at start."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def emit(self, event: TrainerEvent) -> None:
-        data = memoryview(encode_event(event))
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
-
-
-def take_over_stdout() -> EventWriter:
-    """Keep the real stdout for events; send whatever else prints to stdout to stderr."""
-    sys.stdout.flush()
-    event_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return EventWriter(event_fd)
-
-
-@dataclass
-class PlateauDetector:
-    """Says when the reward's moving average has stopped rising.
-
-    Every ``window`` observed rewards, the mean of the last ``window`` is compared with the best
-    mean so far: above ``best + min_delta`` it is the new best, otherwise the window is stale.
-    ``patience`` stale windows in a row, at step ``min_steps`` or later, is a plateau.
-    """
-
-    window: int
-    min_delta: float
-    patience: int
-    min_steps: int
-    best: float | None = None
-    stale_windows: int = 0
-    _recent: deque[float] = field(default_factory=deque)
-    _observed: int = 0
-
-    @classmethod
-    def from_spec(cls, spec: ConvergenceSpec) -> PlateauDetector:
-        return cls(
-            window=spec.plateau_window,
-            min_delta=spec.plateau_min_delta,
-            patience=spec.plateau_patience,
-            min_steps=spec.min_steps,
-        )
-
-    def observe(self, step: int, reward: float) -> bool:
-        """Record the reward logged at ``step``; True when training has plateaued."""
-        self._recent.append(reward)
-        while len(self._recent) > self.window:
-            self._recent.popleft()
-        self._observed += 1
-        if self._observed % self.window != 0:
-            return False
-        average = sum(self._recent) / len(self._recent)
-        if self.best is None or average > self.best + self.min_delta:
-            self.best = average
-            self.stale_windows = 0
-        else:
-            self.stale_windows += 1
-        return self.stale_windows >= self.patience and step >= self.min_steps
-
-
-@dataclass
-class StopState:
-    """Why training stops, shared by the signal handler, the reward function and callbacks."""
-
-    cancel_requested: bool = False
-    reason: StopReason | None = None
-    detail: str = ""
-    non_finite_reward: str | None = None
-
-    def stop(self, reason: StopReason, detail: str) -> None:
-        if self.reason is None:  # the first cause wins; later ones are consequences
-            self.reason = reason
-            self.detail = detail
-
-
-def _finite_or_none(value: object) -> float | None:
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _is_non_finite(value: object) -> bool:
-    return isinstance(value, int | float) and not math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +150,8 @@ def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) ->
     rendered = []
     for scenario in scenarios:
         # The same messages eval sends to the engine, through the same template.
-        text = render_prompt(tokenizer, prompt_messages(scenario))
+        text = render_prompt(tokenizer, prompt_messages(scenario),
+                             chat_template_kwargs=spec.chat_template_kwargs)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
             # Keep the end: the question and the generation prompt matter more than a preamble.
@@ -387,21 +300,21 @@ def _make_callbacks(
             events.emit(
                 TrainerMetric(
                     step=state.global_step,
-                    reward_mean=_finite_or_none(logs.get("reward")),
-                    reward_std=_finite_or_none(logs.get("reward_std")),
-                    kl=_finite_or_none(logs.get("kl")),
-                    loss=_finite_or_none(logs.get("loss")),
-                    learning_rate=_finite_or_none(logs.get("learning_rate")),
-                    completion_length=_finite_or_none(logs.get("completions/mean_length")),
+                    reward_mean=finite_or_none(logs.get("reward")),
+                    reward_std=finite_or_none(logs.get("reward_std")),
+                    kl=finite_or_none(logs.get("kl")),
+                    loss=finite_or_none(logs.get("loss")),
+                    learning_rate=finite_or_none(logs.get("learning_rate")),
+                    completion_length=finite_or_none(logs.get("completions/mean_length")),
                     seconds_per_step=seconds,
-                    epoch=_finite_or_none(logs.get("epoch")),
-                    zero_variance_group_share=_finite_or_none(logs.get("frac_reward_zero_std")),
+                    epoch=finite_or_none(logs.get("epoch")),
+                    zero_variance_group_share=finite_or_none(logs.get("frac_reward_zero_std")),
                     zero_variance_first_draw_share=drawn.uniform_first_draw_share,
                     extra_rollouts=drawn.extra_rollouts,
                     rollout_tokens_per_second=rate,
                 )
             )
-            bad = [k for k in ("loss", "reward", "grad_norm", "kl") if _is_non_finite(logs.get(k))]
+            bad = [k for k in ("loss", "reward", "grad_norm", "kl") if is_non_finite(logs.get(k))]
             if bad:
                 stop.stop("non_finite", f"non-finite {', '.join(bad)} at step {state.global_step}")
             elif isinstance(logs.get("reward"), int | float) and plateau.observe(

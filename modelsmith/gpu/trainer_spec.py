@@ -156,6 +156,8 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resume: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool | None = None
+    # ``[model] chat_template_kwargs``: prompts are rendered as the engine renders them.
+    chat_template_kwargs: dict[str, bool | int | float | str] = {}
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, why) for each value that cannot run; empty when the spec is usable."""

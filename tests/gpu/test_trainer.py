@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from modelsmith.errors import TrainerError, ValidationError
 from modelsmith.examples.tinymodel import warm_start
 from modelsmith.gpu.adapters import verify_adapter
-from modelsmith.gpu.trainer import PlateauDetector
 from modelsmith.gpu.trainer_canaries import (
     CANARIES_FILE,
     CANARY_LOGPROB_TOLERANCE,
     decode_canaries,
 )
+from modelsmith.gpu.trainer_control import PlateauDetector
 from modelsmith.gpu.trainer_process import TrainerOutcome, run_trainer
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
