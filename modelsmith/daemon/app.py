@@ -112,7 +112,7 @@ class Daemon:
             home=str(self.home),
             socket=str(self.socket_path),
             clusters=len(self.fleet.runtimes),
-            engines=self.engines.statuses(),
+            engines=self.engines.statuses(self.leases.memory_mb),
             jobs=[j.summary() for j in self.jobs.active()],
             cluster_errors=self.fleet.load_errors(),
         )
@@ -150,6 +150,9 @@ class Daemon:
                 log.error("cluster unavailable", cluster=runtime.cluster.name, error=runtime.status_error)
             if self.config.start_engines and runtime.ledger is not None:
                 self.engines.add_cluster(runtime.cluster.name, engine_spec_for(runtime.cluster))
+        # Every local engine is a resident of the devices it spans: it sleeps for a trainer there.
+        for gate, tensor_parallel_size in self.engines.residents():
+            gate.devices = self.leases.add_engine(gate, tensor_parallel_size)
         raw_sock, owns_path = self._open_listener_socket()
         bound_inode = self.socket_path.stat().st_ino if owns_path else None
         listener = await anyio.abc.SocketListener.from_socket(raw_sock)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Device leases: FIFO queueing with positions, cancelled waiters, residents slept only on GPUs."""
+"""Device leases: FIFO queueing, cancelled waiters, residents slept only on GPUs, device choice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 
-from modelsmith.gpu.leases import Device, LeaseManager
+from modelsmith.errors import ValidationError
+from modelsmith.gpu.leases import Device, LeaseManager, discover_devices
+
+from .fake_nvml import FakeNvml
 
 CPU = Device(index=0, kind="cpu", name="cpu (2 cores)", memory_total_mb=None)
 GPU = Device(index=0, kind="cuda", name="H200", memory_total_mb=143_000)
@@ -122,7 +125,7 @@ async def test_residents_sleep_for_a_trainer_only_on_a_cuda_device(
 
     with anyio.fail_after(WAIT_S):
         async with leases.lease("trainer") as leased:
-            assert leased == device
+            assert leased.device == device
             assert engine.calls == expected[:1]
 
     assert engine.calls == expected
@@ -139,3 +142,51 @@ async def test_residents_wake_even_when_the_trainer_fails() -> None:
 
     assert engine.calls == ["sleep(1)", "wake_up"]
     assert leases.statistics()[0]["holder"] is None
+
+
+def test_discovery_lists_the_gpus_nvml_reports_and_falls_back_to_the_cpu() -> None:
+    gpus = discover_devices(FakeNvml(["NVIDIA H200", "NVIDIA H200"], total_bytes=140 << 30))
+    assert [(d.index, d.kind, d.name, d.memory_total_mb) for d in gpus] == [
+        (0, "cuda", "NVIDIA H200", 140 << 10), (1, "cuda", "NVIDIA H200", 140 << 10)]
+    (cpu,) = discover_devices(FakeNvml([]))
+    assert cpu.kind == "cpu" and cpu.memory_total_mb is None
+
+
+async def test_on_two_gpus_auto_picks_the_gpu_without_an_engine_and_sleeps_nothing() -> None:
+    leases = LeaseManager(nvml=FakeNvml(["H200", "H200"]))
+    engine = RecordingEngine("tiny")
+    assert leases.add_engine(engine, tensor_parallel_size=1) == [0]
+
+    with anyio.fail_after(WAIT_S):
+        async with leases.lease("trainer", device="auto") as lease:
+            assert lease.device.index == 1 and lease.slept == []
+        async with leases.lease("trainer", device="shared") as lease:
+            assert lease.device.index == 0 and engine.calls == ["sleep(1)"]
+
+    assert engine.calls == ["sleep(1)", "wake_up"]
+
+
+async def test_an_engine_spanning_every_gpu_leaves_auto_nothing_but_sharing() -> None:
+    leases = LeaseManager(nvml=FakeNvml(["H200", "H200"]))
+    engine = RecordingEngine("tp2")
+    assert leases.add_engine(engine, tensor_parallel_size=2) == [0, 1]
+
+    with anyio.fail_after(WAIT_S):
+        async with leases.lease("trainer") as lease:
+            assert lease.slept == [engine] and engine.calls == ["sleep(1)"]
+    assert engine.calls == ["sleep(1)", "wake_up"]
+
+
+def test_a_device_index_outside_the_box_is_refused_naming_the_field() -> None:
+    leases = LeaseManager(nvml=FakeNvml(["H200"]))
+    with pytest.raises(ValidationError) as caught:
+        leases.choose_device(3)
+    assert caught.value.data["field"] == "training.device"
+
+
+def test_engine_memory_is_what_nvml_reports_for_its_process_and_none_on_the_cpu() -> None:
+    import os
+
+    nvml = FakeNvml(["H200"], processes={0: [(os.getpid(), 3 << 30), (1, 5 << 30)]})
+    assert LeaseManager(nvml=nvml).memory_mb(os.getpid(), [0]) == 3 << 10
+    assert LeaseManager([CPU]).memory_mb(os.getpid(), [0]) is None

@@ -139,23 +139,6 @@ class TrainingSection(_Section):
     rollout_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1, description="vllm "
                                                   "rollouts: the device share of the trainer's "
                                                   "own engine while it is awake.")
-    rollout: Literal["auto", "vllm", "hf"] = Field(default="auto", description="What samples "
-                                                  "GRPO completions: `vllm` (an engine in the "
-                                                  "trainer, the in-training adapter loaded every "
-                                                  "`rollout_sync_steps`; sleeps between rollouts "
-                                                  "on CUDA), `hf` (transformers generate), `auto` "
-                                                  "(vllm on CUDA when installed, else hf: on the "
-                                                  "CPU the engine's start costs more than a small "
-                                                  "job's rollouts save; bench/rollout_throughput.py).")
-    rollout_sync_steps: int = Field(default=1, ge=1, description="vllm rollouts: load the "
-                                    "in-training adapter into the engine every N steps.")
-    rollout_max_resample_rounds: int = Field(default=2, ge=0, description="Regenerate a group "
-                                             "whose completions all got the same reward (no "
-                                             "gradient) up to N times; a step costs at most "
-                                             "(1 + N) times its completions.")
-    rollout_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1, description="vllm "
-                                                  "rollouts: the device share of the trainer's "
-                                                  "own engine while it is awake.")
     device: Literal["auto", "shared"] | Annotated[int, Field(ge=0)] = Field(
         default="auto", description="Where the trainer runs. \"auto\": a GPU that no engine "
         "lives on if the box has one (the least busy), else a shared one, whose engines sleep "

@@ -9,6 +9,7 @@ set against it so ``eval.compare`` shows what the iteration fixed and broke.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -30,7 +31,6 @@ from modelsmith.gpu.trainer_spec import (
     ConvergenceSpec,
     GrpoSpec,
     LoraSpec,
-    RolloutSpec,
     TrainerCheckpoint,
     TrainerEvent,
     TrainerMetric,
@@ -39,7 +39,6 @@ from modelsmith.gpu.trainer_spec import (
     TrainJobSpec,
     estimate_duration_minutes,
 )
-from modelsmith.gpu.warm_trainer import WarmTrainer
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.diagnose import diagnose_eval
@@ -76,7 +75,6 @@ class TrainService:
         self.engines = engines
         self.evals = evals
         self.leases = leases
-        self.warm_trainer = WarmTrainer()  # the next job's trainer, imports done
 
     # -- building the job ---------------------------------------------------------------
     def spec_for(self, runtime: ClusterRuntime, params: TrainStartParams, job_id: str, iteration: int,
@@ -108,9 +106,6 @@ class TrainService:
             ),
             convergence=ConvergenceSpec(plateau_window=t.plateau_window, plateau_min_delta=t.plateau_min_delta,
                                         plateau_patience=t.plateau_patience, min_steps=t.min_steps),
-            rollout=RolloutSpec(backend=t.rollout, sync_steps=t.rollout_sync_steps,
-                                max_resample_rounds=t.rollout_max_resample_rounds,
-                                gpu_memory_utilization=t.rollout_gpu_memory_utilization),
             resume=resume,
         )
 
@@ -213,47 +208,57 @@ class TrainService:
                 job.message = f"queued for the device (position {position})"
 
         trained_at: float
-        try:
-            job.message = "waiting for a device lease"
-            async with self.leases.lease(f"train:{job.job_id}", on_position=on_position) as device:
-                job.message = "training"
+        # The lease outlives the try below: the engines that slept for the trainer wake as soon
+        # as it ends (however it ends), and the device stays ours until the adapter is loaded,
+        # so a queued trainer cannot put the engine back to sleep before the hot load.
+        async with contextlib.AsyncExitStack() as device_held:
+            try:
+                job.message = "waiting for a device lease"
+                lease = await device_held.enter_async_context(self.leases.lease(
+                    f"train:{job.job_id}", device=runtime.cluster.config.training.device,
+                    on_position=on_position))
+                device = lease.device
+                job.message = "training" + (f" (engines asleep: {', '.join(r.name for r in lease.slept)})"
+                                            if lease.slept else "")
                 # The trainer sees only its leased GPU (else the HF Trainer takes every one).
                 env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
                        if device.kind == "cuda" else None)
-                outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env,
-                                               warm=self.warm_trainer)
-            trained_at = time.monotonic()
-            stopped = outcome.stopped
-            if stopped is None or stopped.reason not in ("completed", "plateau"):
-                reason = stopped.reason if stopped else "no stop event"
-                raise TrainerError(f"training ended without a usable adapter: {reason}"
-                                   + (f" ({stopped.detail})" if stopped and stopped.detail else ""),
-                                   data={"reason": reason, "stderr_tail": list(outcome.stderr_tail)})
-            if outcome.adapter is None or outcome.adapter_path is None:
-                raise TrainerError("the trainer reported success but saved no adapter",
-                                   data={"stderr_tail": list(outcome.stderr_tail)})
-            manifest_bytes = msgspec.json.format(_encoder.encode(manifest), indent=2)
-            await anyio.to_thread.run_sync(atomic_write_bytes, outcome.adapter_path / TRAINING_MANIFEST, manifest_bytes)
-            adapter = f"iter-{iteration}"
-            adapter_manifest = outcome.adapter
-            await anyio.to_thread.run_sync(runtime.record, IterationAdvanced(
-                iteration=iteration, adapter=adapter, adapter_hash=adapter_manifest.adapter_sha256,
-                train_job=job.job_id, source_eval_tag=params.eval_tag,
-                training_manifest_sha256=sha256_hex(manifest_bytes), stop_reason=stopped.reason,
-                steps=stopped.step))
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                failed = TrainFailed(job_id=job.job_id, error=failure_of(exc), iteration=iteration)
-                await anyio.to_thread.run_sync(runtime.record, failed)
-            raise
-        finally:
-            # Shielded: a cancelled job must still leave no checkpoints behind.
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, Path(spec.work_dir) / "checkpoints", True)
-        result: dict[str, Any] = {"iteration": iteration, "adapter": adapter, "stop_reason": stopped.reason,
-                                  "steps": stopped.step, "adapter_hash": adapter_manifest.adapter_sha256}
-        hot = await self._hot_load(runtime, adapter, outcome.adapter_path, trained_at)
-        result.update(hot)
+                try:
+                    outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env)
+                finally:
+                    await lease.wake_residents()  # shielded and bounded
+                trained_at = time.monotonic()
+                stopped = outcome.stopped
+                if stopped is None or stopped.reason not in ("completed", "plateau"):
+                    reason = stopped.reason if stopped else "no stop event"
+                    raise TrainerError(f"training ended without a usable adapter: {reason}"
+                                       + (f" ({stopped.detail})" if stopped and stopped.detail else ""),
+                                       data={"reason": reason, "stderr_tail": list(outcome.stderr_tail)})
+                if outcome.adapter is None or outcome.adapter_path is None:
+                    raise TrainerError("the trainer reported success but saved no adapter",
+                                       data={"stderr_tail": list(outcome.stderr_tail)})
+                manifest_bytes = msgspec.json.format(_encoder.encode(manifest), indent=2)
+                await anyio.to_thread.run_sync(atomic_write_bytes, outcome.adapter_path / TRAINING_MANIFEST, manifest_bytes)
+                adapter = f"iter-{iteration}"
+                adapter_manifest = outcome.adapter
+                await anyio.to_thread.run_sync(runtime.record, IterationAdvanced(
+                    iteration=iteration, adapter=adapter, adapter_hash=adapter_manifest.adapter_sha256,
+                    train_job=job.job_id, source_eval_tag=params.eval_tag,
+                    training_manifest_sha256=sha256_hex(manifest_bytes), stop_reason=stopped.reason,
+                    steps=stopped.step))
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    failed = TrainFailed(job_id=job.job_id, error=failure_of(exc), iteration=iteration)
+                    await anyio.to_thread.run_sync(runtime.record, failed)
+                raise
+            finally:
+                # Shielded: a cancelled job must still leave no checkpoints behind.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(shutil.rmtree, Path(spec.work_dir) / "checkpoints", True)
+            result: dict[str, Any] = {"iteration": iteration, "adapter": adapter, "stop_reason": stopped.reason,
+                                      "steps": stopped.step, "adapter_hash": adapter_manifest.adapter_sha256}
+            hot = await self._hot_load(runtime, adapter, outcome.adapter_path, trained_at)
+            result.update(hot)
         if params.follow_up_eval and "hot_load_error" not in hot:
             source = read_summary(runtime, params.eval_tag)
             eval_job, plan = self.evals.start(EvalRunParams(cluster=runtime.cluster.name, type=source.type,  # type: ignore[arg-type]

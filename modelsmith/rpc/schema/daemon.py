@@ -15,6 +15,10 @@ class PingResult(msgspec.Struct, kw_only=True):
 
 
 class EngineStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One engine. ``state`` is "sleeping" while a trainer holds its GPU; ``devices`` are the
+    device indices it lives on and ``memory_mb`` what its processes use there (NVML; absent on
+    the CPU); ``users`` the evals and adapter loads holding it awake now."""
+
     name: str
     kind: str
     model: str
@@ -24,6 +28,9 @@ class EngineStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     adapters: list[str] = []
     last_error: str | None = None
     pid: int | None = None
+    devices: list[int] = []
+    memory_mb: int | None = None
+    users: int = 0
 
 
 class ClusterLoadError(msgspec.Struct, kw_only=True):
