@@ -1,7 +1,11 @@
 """The bundled ``rtb-pricing`` example cluster: an adtech domain with checkable answers.
 
 Each scenario is a bid request; the answer is a price bucket (``low``, ``mid`` or ``high``)
-decided by the inventory type; the region is noise. The rubric gives partial credit: a valid
+decided by the inventory type; the region is noise. Core uses the nine types of
+:data:`INVENTORY`; held-out asks about them in other regions (tag ``seen-type``) and, when
+``write_cluster(unseen_held_out=N)`` asks for it, about the types of :data:`UNSEEN_INVENTORY`
+(tag ``unseen-type``), which no core scenario uses but the base model read about in its
+pretraining prose: the first measures robustness to a noise word, the second generalisation. The rubric gives partial credit: a valid
 label earns format credit, the right label earns the rest. Everything is generated
 deterministically so the set versions are stable across machines.
 
@@ -35,6 +39,14 @@ INVENTORY = {
     "remnant display": "low",
     "below-fold banner": "low",
     "long-tail app": "low",
+}
+# Types the base model reads about (pretraining prose, format warm start) but no core scenario
+# asks about: held-out scenarios on them measure whether training generalised from what the
+# model read, not only whether it ignores the region.
+UNSEEN_INVENTORY = {
+    "streaming audio": "high",
+    "sponsored listing": "mid",
+    "exit popup": "low",
 }
 REGIONS = ("us-east", "us-west", "eu-west", "eu-north", "apac", "latam")
 LABELS = ("low", "mid", "high")
@@ -89,11 +101,14 @@ def _combos(seed: int) -> list[tuple[str, str]]:
 
 def _scenario(i: int, combo: tuple[str, str], set_name: str) -> dict[str, object]:
     inventory, region = combo
-    bucket = INVENTORY[inventory]
+    unseen = inventory in UNSEEN_INVENTORY
+    bucket = UNSEEN_INVENTORY[inventory] if unseen else INVENTORY[inventory]
+    prefix = "ho-new" if unseen else "ho" if set_name == "held-out" else "core"
+    kind = ["unseen-type" if unseen else "seen-type"] if set_name == "held-out" else []
     return {
-        "id": f"{'ho' if set_name == 'held-out' else 'core'}-{i:03d}",
+        "id": f"{prefix}-{i:03d}",
         "domain": "adtech",
-        "tags": [bucket, region],
+        "tags": [bucket, region, *kind],
         "prompt": bid_prompt(inventory, region),
         "reference": bucket,
         "rubric": {
@@ -104,6 +119,18 @@ def _scenario(i: int, combo: tuple[str, str], set_name: str) -> dict[str, object
             ],
         },
     }
+
+
+def unseen_scenarios(count: int, seed: int) -> list[dict[str, object]]:
+    """Held-out scenarios on :data:`UNSEEN_INVENTORY` (every type evenly, regions shuffled)."""
+    rng = random.Random(f"unseen-{seed}")
+    regions_of = {inv: rng.sample(REGIONS, len(REGIONS)) for inv in sorted(UNSEEN_INVENTORY)}
+    combos = [(inv, regions_of[inv][layer]) for layer in range(len(REGIONS))
+              for inv in sorted(UNSEEN_INVENTORY)]
+    if count > len(combos):
+        raise ValidationError(f"at most {len(combos)} unseen-type held-out scenarios",
+                              data={"field": "unseen_held_out"})
+    return [_scenario(i, combo, "held-out") for i, combo in enumerate(combos[:count])]
 
 
 def scenarios(set_name: str, count: int, seed: int, *, core_count: int = 24) -> list[dict[str, object]]:
@@ -121,7 +148,7 @@ def scenarios(set_name: str, count: int, seed: int, *, core_count: int = 24) -> 
 def domain_corpus() -> list[str]:
     """Plain text about the domain that the base model is pretrained on (knowledge, no task)."""
     lines: list[str] = []
-    for inventory, bucket in INVENTORY.items():
+    for inventory, bucket in [*INVENTORY.items(), *UNSEEN_INVENTORY.items()]:
         lines.extend(fact.format(inv=inventory) for fact in _FACTS[bucket])
         for region in REGIONS:
             lines.extend(noise.format(inv=inventory, region=region) for noise in _NOISE)
@@ -134,6 +161,9 @@ def corpus() -> list[str]:
     for inventory, bucket in INVENTORY.items():
         for region in REGIONS:
             lines.append(f"{bid_prompt(inventory, region)} {bucket}")
+    # The unseen types' questions without their answers: the tokenizer learns the words only.
+    lines.extend(bid_prompt(inventory, region) for inventory in UNSEEN_INVENTORY
+                 for region in REGIONS)
     # The bare labels too, so each answer is one token at the start of the assistant turn.
     lines.extend(LABELS)
     return [*(lines * 3), *(f"{prompt} {label}" for prompt, label in warm_start_pairs()),
@@ -147,12 +177,13 @@ def warm_start_pairs() -> list[tuple[str, str]]:
     one label and stop, with no preference among the labels for any prompt: like a base model
     that follows the instruction but was never asked this question. The prompts use regions of
     their own (:data:`WARM_START_REGIONS`), so no scenario's prompt is seen here and no region
-    gets a spurious label preference. Its greedy answers are then right about a third of the
+    gets a spurious label preference. The unseen types (:data:`UNSEEN_INVENTORY`) are in it too,
+    so a held-out question about them fails on substance, not on an unfamiliar format. Its greedy answers are then right about a third of the
     time (weak, not hopeless), and GRPO's sampled groups hold both right and wrong answers from
     the first step, which is what it learns from.
     """
-    return [(bid_prompt(inventory, region), label) for inventory in sorted(INVENTORY)
-            for region in WARM_START_REGIONS for label in LABELS]
+    return [(bid_prompt(inventory, region), label)
+            for inventory in sorted([*INVENTORY, *UNSEEN_INVENTORY]) for region in WARM_START_REGIONS for label in LABELS]
 
 
 def model_recipe() -> dict[str, Any]:
@@ -232,11 +263,13 @@ def write_cluster(
     learning_rate: float = 2e-3,
     max_regressions: int = 2,
     lora_rank: int = 8,
+    unseen_held_out: int = 0,
 ) -> Path:
     """Create (or refresh) ``home/rtb-pricing`` with its config and scenario sets.
 
     ``lora_rank`` is the adapter's rank (alpha is twice it) and the engine's largest; the demo
     uses 16, the default 8 fits engines started with ``--max-lora-rank 8``.
+    ``unseen_held_out`` adds that many held-out scenarios on :data:`UNSEEN_INVENTORY`.
     """
     root = home / CLUSTER
     atomic_write_text(root / "cluster.toml", CLUSTER_TOML.format(
@@ -245,6 +278,8 @@ def write_cluster(
         lora_alpha=2 * lora_rank))
     for set_name, count in (("core", core), ("held-out", held_out)):
         chosen = scenarios(set_name, count, seed, core_count=core)
+        if set_name == "held-out":
+            chosen += unseen_scenarios(unseen_held_out, seed)
         text = yaml.safe_dump({"scenarios": chosen}, sort_keys=False)
         atomic_write_text(root / "scenarios" / set_name / "bids.yaml", text)
     (root / "inbox").mkdir(exist_ok=True)

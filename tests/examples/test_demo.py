@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from modelsmith.examples.demo import DemoSettings, prepare_model, run_demo, targets
+from modelsmith.examples import rtb_pricing
+from modelsmith.examples.demo import (
+    DEMO_HELD_OUT,
+    DEMO_UNSEEN_HELD_OUT,
+    DemoSettings,
+    prepare_model,
+    run_demo,
+    targets,
+)
 from modelsmith.examples.tinymodel import MARKER_NAME
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -48,6 +56,15 @@ def test_one_short_demo_iteration_runs_every_daemon_driven_step(
     assert report.policy_exit_code in (0, 1)  # judged either way; never an error
     assert report.daemon_exit_code == 0
     assert {name for name, _, _ in targets(report)}  # the target table renders
+    # Held-out on the types core uses and on the types it does not, each with its interval.
+    assert report.baseline_figures is not None and iteration.figures is not None
+    for figures in (report.baseline_figures, iteration.figures):
+        seen, unseen = figures.by_kind["seen-type"], figures.by_kind["unseen-type"]
+        assert (seen.count, unseen.count) == (DEMO_HELD_OUT, DEMO_UNSEEN_HELD_OUT)
+        for figure in (figures.composite, figures.held_out, seen, unseen):
+            assert figure.value is not None and figure.ci95 is not None
+            assert figure.ci95[0] <= figure.value <= figure.ci95[1]
+    assert iteration.paired_vs_baseline
     assert any(name.startswith("stop the daemon") for name, _ in report.steps)
 
 
@@ -62,3 +79,20 @@ def test_the_demo_model_is_built_once_and_then_found_in_the_cache(model_cache: P
     # Pretrained on the domain prose once, then warm-started on the format once.
     assert len(marker["pretrains"]) == 1
     assert len(marker["warm_starts"]) == 1
+
+
+def test_unseen_type_held_out_asks_about_types_the_model_read_about_but_core_never_uses(
+    tmp_path: Path,
+) -> None:
+    root = rtb_pricing.write_cluster(tmp_path, tmp_path / "model", core=36, held_out=18,
+                                     unseen_held_out=18)
+    core = (root / "scenarios" / "core" / "bids.yaml").read_text()
+    held = (root / "scenarios" / "held-out" / "bids.yaml").read_text()
+    prose = " ".join(rtb_pricing.domain_corpus())
+
+    for inventory in rtb_pricing.UNSEEN_INVENTORY:
+        assert inventory not in core
+        assert inventory in held
+        assert f"{inventory} sells at a {rtb_pricing.UNSEEN_INVENTORY[inventory]} price" in prose
+    # "seen-type" is also inside each "unseen-type" tag.
+    assert held.count("unseen-type") == 18 and held.count("seen-type") == 18 + 18
