@@ -175,6 +175,8 @@ class Daemon:
                 # Engines load in the background (state "loading"); systemd is told to wait.
                 self.notifier.extend_timeout(300)
                 await tg.start(self.engines.run)
+                # The recorded champions are loaded again and checked by their canaries.
+                tg.start_soon(self.promotions.restore_champions, name="champions")
                 # Supervisors restore their recorded state and resume interrupted jobs.
                 await tg.start(self.loops.run)
                 await tg.start(self.inbox.run)

@@ -1,10 +1,11 @@
 """The train service: diagnose.run and train.*: GRPO on an eval's failures, hot-loaded after.
 
 A training job: pick the core failures of an eval (never held-out: the manifest proves it),
-take a device lease (the engine sleeps if it shares a GPU), run the trainer child, and when it
-ends with an adapter: write the training manifest, advance the iteration in the ledger with the
-adapter hash, load the adapter into the warm engine (no restart) and start an eval of the same
-set against it so ``eval.compare`` shows what the iteration fixed and broke.
+take a device lease (``[training] device``; the engines on a shared GPU sleep), run the trainer
+child, wake the engines as soon as it ends (however it ends), and when it ends with an adapter:
+write the training manifest, advance the iteration in the ledger with the adapter hash, load
+the adapter into the warm engine (no restart) while the device is still held, and start an eval
+of the same set against it so ``eval.compare`` shows what the iteration fixed and broke.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import structlog
 
 from modelsmith.atomic import atomic_write_bytes
 from modelsmith.clock import utc_stamp
-from modelsmith.errors import ConflictError, NotFound, TrainerError
+from modelsmith.errors import ConflictError, ModelsmithError, NotFound, TrainerError
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.gpu.trainer_process import run_trainer
@@ -31,6 +32,7 @@ from modelsmith.gpu.trainer_spec import (
     ConvergenceSpec,
     GrpoSpec,
     LoraSpec,
+    RolloutSpec,
     TrainerCheckpoint,
     TrainerEvent,
     TrainerMetric,
@@ -39,6 +41,7 @@ from modelsmith.gpu.trainer_spec import (
     TrainJobSpec,
     estimate_duration_minutes,
 )
+from modelsmith.gpu.warm_trainer import WarmTrainer
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.diagnose import diagnose_eval
@@ -47,6 +50,7 @@ from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.loop.records.events import IterationAdvanced, TrainFailed, failure_of
 from modelsmith.loop.records.events import TrainStarted as TrainStartedEvent
+from modelsmith.loop.train.hot_load import load_verified
 from modelsmith.loop.train.training_set import build_manifest, select_training_scenarios
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
@@ -75,6 +79,7 @@ class TrainService:
         self.engines = engines
         self.evals = evals
         self.leases = leases
+        self.warm_trainer = WarmTrainer()  # the next job's trainer, imports done
 
     # -- building the job ---------------------------------------------------------------
     def spec_for(self, runtime: ClusterRuntime, params: TrainStartParams, job_id: str, iteration: int,
@@ -106,7 +111,11 @@ class TrainService:
             ),
             convergence=ConvergenceSpec(plateau_window=t.plateau_window, plateau_min_delta=t.plateau_min_delta,
                                         plateau_patience=t.plateau_patience, min_steps=t.min_steps),
+            rollout=RolloutSpec(backend=t.rollout, sync_steps=t.rollout_sync_steps,
+                                max_resample_rounds=t.rollout_max_resample_rounds,
+                                gpu_memory_utilization=t.rollout_gpu_memory_utilization),
             resume=resume,
+            chat_template_kwargs=dict(runtime.cluster.config.model.chat_template_kwargs),
         )
 
     def prepare(self, params: TrainStartParams, job_id: str, *, resume: bool = False
@@ -224,7 +233,8 @@ class TrainService:
                 env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
                        if device.kind == "cuda" else None)
                 try:
-                    outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env)
+                    outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env,
+                                               warm=self.warm_trainer)
                 finally:
                     await lease.wake_residents()  # shielded and bounded
                 trained_at = time.monotonic()
@@ -267,20 +277,25 @@ class TrainService:
         return result
 
     async def _hot_load(self, runtime: ClusterRuntime, adapter: str, path: Path, trained_at: float) -> dict[str, Any]:
-        """Load the adapter into the warm engine and time train end -> first answer from it."""
+        """Load the adapter into the engine (awake again: the lease woke it) and time train
+        end -> first answer from it."""
         try:
-            engine = self.engines.engine_for(runtime.cluster.name)
+            self.engines.engine_for(runtime.cluster.name)
         except Exception as exc:
             return {"hot_load_error": str(exc)}
         try:
-            name = await self.engines.ensure_adapter(runtime.cluster.name, adapter, path)
-            from modelsmith.gpu.engine import Sampling
-
-            await engine.generate("ping", Sampling(temperature=0.0, max_tokens=1), adapter=name)
+            async with self.engines.serving(runtime.cluster.name):
+                # Loads, replays the trainer's canaries, records adapter.checked; a mismatch
+                # unloads the adapter and raises, so no follow-up eval uses it.
+                _, check = await load_verified(runtime, self.engines, adapter, path, "hot_load")
         except Exception as exc:
             log.exception("hot load failed", cluster=runtime.cluster.name, adapter=adapter)
-            return {"hot_load_error": str(exc)}
-        return {"hot_load_seconds": round(time.monotonic() - trained_at, 3)}
+            failed: dict[str, Any] = {"hot_load_error": str(exc)}
+            if isinstance(exc, ModelsmithError) and exc.data.get("reason") == "canary_mismatch":
+                failed["canary"] = exc.data.get("canary")
+            return failed
+        return {"hot_load_seconds": round(time.monotonic() - trained_at, 3),
+                "canary_check": check.status}
 
     # -- RPC ---------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:
