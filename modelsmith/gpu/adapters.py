@@ -154,12 +154,15 @@ def save_adapter_atomically(
     *,
     base_model: str | None = None,
     replace: bool = False,
+    extra_files: dict[str, bytes] | None = None,
 ) -> AdapterManifest:
     """Save ``model``'s adapter at ``out_dir`` with a manifest, all or nothing.
 
     ``out_dir`` must not exist unless ``replace`` is true; a replaced adapter is moved aside and
     removed only after the new one is in place (a crash in that window leaves the new adapter in
     its ``.partial-*`` dir and the old one in a ``.replaced-*`` dir, never a torn ``out_dir``).
+    ``extra_files`` (name -> bytes, e.g. ``canaries.json``) are written next to the adapter
+    files before hashing, so the manifest covers them.
     Raises ConflictError when ``out_dir`` exists and ``replace`` is false.
     """
     out_dir = Path(out_dir)
@@ -173,6 +176,8 @@ def save_adapter_atomically(
     try:
         partial.mkdir()
         model.save_pretrained(str(partial))
+        for name, content in (extra_files or {}).items():
+            (partial / name).write_bytes(content)
         files = []
         for path in _content_files(partial):
             _fsync_file(path)

@@ -1,5 +1,8 @@
 """The GRPO trainer child process: ``python -m modelsmith.gpu.trainer SPEC.json``.
 
+``python -m modelsmith.gpu.trainer --warm`` imports torch, transformers, TRL and PEFT first and
+then waits for one job on stdin (see :func:`_wait_for_job`); EOF on stdin makes it exit 0.
+
 It trains a LoRA adapter with TRL's ``GRPOTrainer`` on the spec's scenarios, rewarding each
 completion with the scenario's own rubric (what is graded is what is trained), and reports on
 stdout one JSON event per line (see :mod:`modelsmith.gpu.trainer_spec`). Everything else that
@@ -26,8 +29,6 @@ import signal
 import sys
 import time
 import traceback
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,19 +36,26 @@ from typing import Any
 import msgspec
 
 from modelsmith.errors import LeakageError, ModelsmithError, ValidationError
+from modelsmith.gpu.trainer_control import (
+    EventWriter,
+    PlateauDetector,
+    StopState,
+    finite_or_none,
+    is_non_finite,
+    take_over_stdout,
+)
+from modelsmith.gpu.trainer_rollouts import RolloutBackend
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
-    ConvergenceSpec,
     StopReason,
     TrainerCheckpoint,
-    TrainerEvent,
     TrainerFailed,
     TrainerMetric,
+    TrainerReleased,
     TrainerStarted,
     TrainerStopped,
     TrainJobSpec,
     decode_spec,
-    encode_event,
 )
 
 __all__ = ["EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "PlateauDetector", "main"]
@@ -57,98 +65,8 @@ EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
 
 CHECKPOINTS_DIR = "checkpoints"
+WARM_FLAG = "--warm"
 HELD_OUT_SET = "held-out"
-
-
-class EventWriter:
-    """Writes events, one JSON line each, to the descriptor that was stdout at start."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def emit(self, event: TrainerEvent) -> None:
-        data = memoryview(encode_event(event))
-        while data:
-            written = os.write(self._fd, data)
-            data = data[written:]
-
-
-def take_over_stdout() -> EventWriter:
-    """Keep the real stdout for events; send whatever else prints to stdout to stderr."""
-    sys.stdout.flush()
-    event_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return EventWriter(event_fd)
-
-
-@dataclass
-class PlateauDetector:
-    """Says when the reward's moving average has stopped rising.
-
-    Every ``window`` observed rewards, the mean of the last ``window`` is compared with the best
-    mean so far: above ``best + min_delta`` it is the new best, otherwise the window is stale.
-    ``patience`` stale windows in a row, at step ``min_steps`` or later, is a plateau.
-    """
-
-    window: int
-    min_delta: float
-    patience: int
-    min_steps: int
-    best: float | None = None
-    stale_windows: int = 0
-    _recent: deque[float] = field(default_factory=deque)
-    _observed: int = 0
-
-    @classmethod
-    def from_spec(cls, spec: ConvergenceSpec) -> PlateauDetector:
-        return cls(
-            window=spec.plateau_window,
-            min_delta=spec.plateau_min_delta,
-            patience=spec.plateau_patience,
-            min_steps=spec.min_steps,
-        )
-
-    def observe(self, step: int, reward: float) -> bool:
-        """Record the reward logged at ``step``; True when training has plateaued."""
-        self._recent.append(reward)
-        while len(self._recent) > self.window:
-            self._recent.popleft()
-        self._observed += 1
-        if self._observed % self.window != 0:
-            return False
-        average = sum(self._recent) / len(self._recent)
-        if self.best is None or average > self.best + self.min_delta:
-            self.best = average
-            self.stale_windows = 0
-        else:
-            self.stale_windows += 1
-        return self.stale_windows >= self.patience and step >= self.min_steps
-
-
-@dataclass
-class StopState:
-    """Why training stops, shared by the signal handler, the reward function and callbacks."""
-
-    cancel_requested: bool = False
-    reason: StopReason | None = None
-    detail: str = ""
-    non_finite_reward: str | None = None
-
-    def stop(self, reason: StopReason, detail: str) -> None:
-        if self.reason is None:  # the first cause wins; later ones are consequences
-            self.reason = reason
-            self.detail = detail
-
-
-def _finite_or_none(value: object) -> float | None:
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _is_non_finite(value: object) -> bool:
-    return isinstance(value, int | float) and not math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +133,14 @@ def _pick_device(spec: TrainJobSpec) -> str:
     return spec.device
 
 
+def _rollout_backend(spec: TrainJobSpec, device: str) -> RolloutBackend:
+    if spec.rollout.backend != "auto":
+        return spec.rollout.backend
+    import importlib.util
+
+    return "vllm" if device == "cuda" and importlib.util.find_spec("vllm") else "hf"
+
+
 def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> list[str]:
     """Each prompt as eval renders it, cut from the left to ``max_prompt_length`` tokens."""
     from modelsmith.gpu.prompting import render_prompt
@@ -224,7 +150,8 @@ def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) ->
     rendered = []
     for scenario in scenarios:
         # The same messages eval sends to the engine, through the same template.
-        text = render_prompt(tokenizer, prompt_messages(scenario))
+        text = render_prompt(tokenizer, prompt_messages(scenario),
+                             chat_template_kwargs=spec.chat_template_kwargs)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
             # Keep the end: the question and the generation prompt matter more than a preamble.
@@ -233,10 +160,9 @@ def _render_prompts(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) ->
     return rendered
 
 
-def _build_dataset(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> Any:
+def _build_dataset(spec: TrainJobSpec, prompts: list[str], scenarios: list[Any]) -> Any:
     from datasets import Dataset
 
-    prompts = _render_prompts(spec, tokenizer, scenarios)
     ids = [scenario.id for scenario in scenarios]
     # TRL drops incomplete generation batches: repeat rows until one step's worth of groups fits.
     groups_per_step = max(
@@ -249,6 +175,23 @@ def _build_dataset(spec: TrainJobSpec, tokenizer: Any, scenarios: list[Any]) -> 
     return Dataset.from_dict({"prompt": prompts * copies, "scenario_id": ids * copies})
 
 
+def make_prompt_scorer(
+    prompts: list[str], scenarios: list[Any]
+) -> Any:
+    """(rendered prompt, completion) -> rubric score, for the rollout sampler's resampling."""
+    from modelsmith.loop.scoring.rubric import score
+
+    by_prompt: dict[str, Any] = {}
+    for text, scenario in zip(prompts, scenarios, strict=True):
+        by_prompt.setdefault(text, scenario)  # identical prompts: the first rubric decides
+
+    def score_completion(prompt: str, completion: str) -> float:
+        scenario = by_prompt[prompt]
+        return float(score(scenario.rubric, completion, scenario.reference).score)
+
+    return score_completion
+
+
 def make_reward_function(scenarios: list[Any], stop: StopState) -> Any:
     """The rubric as a TRL reward function; the dataset's ``scenario_id`` column picks the rubric."""
     from modelsmith.loop.scoring.rubric import score
@@ -256,13 +199,20 @@ def make_reward_function(scenarios: list[Any], stop: StopState) -> Any:
     by_id = {scenario.id: scenario for scenario in scenarios}
 
     def rubric_reward(
-        completions: list[Any], scenario_id: list[str], **_: Any
+        completions: list[Any],
+        scenario_id: list[str],
+        rubric_rewards: list[float] | None = None,
+        **_: Any,
     ) -> list[float | None]:
         rewards: list[float | None] = []
-        for completion, sid in zip(completions, scenario_id, strict=True):
-            scenario = by_id[sid]
-            text = completion if isinstance(completion, str) else completion[-1]["content"]
-            value = float(score(scenario.rubric, text, scenario.reference).score)
+        for index, (completion, sid) in enumerate(zip(completions, scenario_id, strict=True)):
+            if rubric_rewards is not None:
+                # Scored already by the rollout sampler (the same rubric on the same text).
+                value = float(rubric_rewards[index])
+            else:
+                scenario = by_id[sid]
+                text = completion if isinstance(completion, str) else completion[-1]["content"]
+                value = float(score(scenario.rubric, text, scenario.reference).score)
             if not math.isfinite(value):
                 # TRL averages NaN rewards away; we must notice them ourselves.
                 stop.non_finite_reward = f"reward {value} for scenario {sid}"
@@ -295,7 +245,7 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def _make_callbacks(
-    spec: TrainJobSpec, events: EventWriter, stop: StopState, model: Any
+    spec: TrainJobSpec, events: EventWriter, stop: StopState, model: Any, rollouts: Any
 ) -> list[Any]:
     import torch
     from transformers import TrainerCallback
@@ -343,20 +293,28 @@ def _make_callbacks(
             steps = state.global_step - self.last_log_step
             seconds = (now - self.last_log_time) / steps if self.last_log_time and steps else None
             self.last_log_time, self.last_log_step = now, state.global_step
+            drawn = rollouts.stats.take()
+            rate = (
+                drawn.completion_tokens / drawn.generate_seconds if drawn.generate_seconds else None
+            )
             events.emit(
                 TrainerMetric(
                     step=state.global_step,
-                    reward_mean=_finite_or_none(logs.get("reward")),
-                    reward_std=_finite_or_none(logs.get("reward_std")),
-                    kl=_finite_or_none(logs.get("kl")),
-                    loss=_finite_or_none(logs.get("loss")),
-                    learning_rate=_finite_or_none(logs.get("learning_rate")),
-                    completion_length=_finite_or_none(logs.get("completions/mean_length")),
+                    reward_mean=finite_or_none(logs.get("reward")),
+                    reward_std=finite_or_none(logs.get("reward_std")),
+                    kl=finite_or_none(logs.get("kl")),
+                    loss=finite_or_none(logs.get("loss")),
+                    learning_rate=finite_or_none(logs.get("learning_rate")),
+                    completion_length=finite_or_none(logs.get("completions/mean_length")),
                     seconds_per_step=seconds,
-                    epoch=_finite_or_none(logs.get("epoch")),
+                    epoch=finite_or_none(logs.get("epoch")),
+                    zero_variance_group_share=finite_or_none(logs.get("frac_reward_zero_std")),
+                    zero_variance_first_draw_share=drawn.uniform_first_draw_share,
+                    extra_rollouts=drawn.extra_rollouts,
+                    rollout_tokens_per_second=rate,
                 )
             )
-            bad = [k for k in ("loss", "reward", "grad_norm", "kl") if _is_non_finite(logs.get(k))]
+            bad = [k for k in ("loss", "reward", "grad_norm", "kl") if is_non_finite(logs.get(k))]
             if bad:
                 stop.stop("non_finite", f"non-finite {', '.join(bad)} at step {state.global_step}")
             elif isinstance(logs.get("reward"), int | float) and plateau.observe(
@@ -390,7 +348,33 @@ def _model_output_non_finite(model: Any, tokenizer: Any, prompt: str) -> bool:
 
 
 def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
-    """Train, report, save; returns the exit code. Raises on failure (exit code 1)."""
+    """Train, report, save, release; returns the exit code. Raises on failure (exit code 1)."""
+    import torch
+
+    held: dict[str, Any] = {}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        return _train(spec, events, stop, held)
+    finally:
+        rollouts = held.pop("rollouts", None)
+        if rollouts is not None:
+            rollouts.close()
+        held.clear()  # the trainer, model and optimiser: their last references
+        import gc
+
+        gc.collect()
+        peak = final = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            peak = int(torch.cuda.max_memory_allocated())
+            final = int(torch.cuda.memory_allocated())
+        events.emit(TrainerReleased(peak_device_bytes=peak, final_device_bytes=final))
+
+
+def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[str, Any]) -> int:
     import torch
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
@@ -399,6 +383,8 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
 
     from modelsmith.gpu.adapters import manifest_sha256, save_adapter_atomically
     from modelsmith.gpu.prompting import load_tokenizer
+    from modelsmith.gpu.trainer_canaries import CANARIES_FILE, encode_canaries, record_canaries
+    from modelsmith.gpu.trainer_rollouts import RolloutSampler
 
     scenarios = decode_scenarios(spec)
     device = _pick_device(spec)
@@ -407,7 +393,8 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
     tokenizer = load_tokenizer(Path(spec.base_model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = _build_dataset(spec, tokenizer, scenarios)
+    prompts = _render_prompts(spec, tokenizer, scenarios)
+    dataset = _build_dataset(spec, prompts, scenarios)
 
     torch.manual_seed(spec.grpo.seed)  # LoRA init is random
     model: Any = AutoModelForCausalLM.from_pretrained(
@@ -448,6 +435,29 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         use_cpu=device == "cpu",
         bf16=bf16,
     )
+    rollouts = RolloutSampler(
+        backend=_rollout_backend(spec, device),
+        score=make_prompt_scorer(prompts, scenarios),
+        tokenizer=tokenizer,
+        group_size=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        max_resample_rounds=spec.rollout.max_resample_rounds,
+        sync_steps=spec.rollout.sync_steps,
+        work_dir=Path(spec.work_dir),
+        base_model=spec.base_model,
+        device=device,
+        dtype="bfloat16" if bf16 else "float32",
+        lora_rank=spec.lora.r,
+        # Prompts are cut to max_prompt_length; the model's own limit bounds the engine's.
+        max_model_len=min(
+            g.max_prompt_length + g.max_completion_length,
+            int(getattr(model.config, "max_position_embeddings", 1 << 30)),
+        ),
+        gpu_memory_utilization=spec.rollout.gpu_memory_utilization,
+        seed=g.seed,
+    )
+    held["rollouts"] = rollouts
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=make_reward_function(scenarios, stop),
@@ -455,10 +465,14 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        rollout_func=rollouts,
     )
+    held["trainer"] = trainer
+    del model
     trained: Any = trainer.model
-    for callback in _make_callbacks(spec, events, stop, trained):
+    for callback in _make_callbacks(spec, events, stop, trained, rollouts):
         trainer.add_callback(callback)
+    rollouts.start()  # the engine's start is set-up, not a step
 
     resume_from = latest_checkpoint(checkpoints_dir) if spec.resume else None
     events.emit(
@@ -489,9 +503,16 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
     if reason == "non_finite":
         return EXIT_OK
 
+    rollouts.close()  # the engine's memory is not needed for the canaries or the save
+    canary_prompts = [(s.id, p) for s, p in zip(scenarios, prompts, strict=True)][: spec.canaries]
+    canaries = record_canaries(trained, tokenizer, canary_prompts, g.max_completion_length)
     output_dir = Path(spec.output_dir)
     manifest = save_adapter_atomically(
-        trained, output_dir, base_model=spec.base_model, replace=spec.resume
+        trained,
+        output_dir,
+        base_model=spec.base_model,
+        replace=spec.resume,
+        extra_files={CANARIES_FILE: encode_canaries(canaries)} if canaries else None,
     )
     events.emit(
         AdapterSaved(
@@ -502,6 +523,33 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         )
     )
     return EXIT_OK
+
+
+def _import_training_stack() -> None:
+    """What every job imports: done by a warm child before its spec arrives."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: F401
+
+    import modelsmith.gpu.trainer_canaries
+    import modelsmith.gpu.trainer_rollouts
+    import modelsmith.loop.scoring.rubric  # noqa: F401
+
+
+def _wait_for_job() -> list[str] | None:
+    """Warm mode: one JSON line on stdin, ``{"spec": PATH, "env": {...}}``; None at EOF.
+
+    The environment (``CUDA_VISIBLE_DEVICES`` for the leased GPU) is applied here, before CUDA is
+    initialised, so one warm child serves whichever device the next job is given.
+    """
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    request = msgspec.json.decode(line.encode(), type=dict[str, Any])
+    os.environ.update({str(k): str(v) for k, v in dict(request.get("env") or {}).items()})
+    return [str(request["spec"])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is "experimental"
+    if args == [WARM_FLAG]:
+        _import_training_stack()
+        job = _wait_for_job()
+        if job is None:
+            return EXIT_OK  # the daemon went away (or no longer wants a warm trainer)
+        args = job
     if len(args) != 1:
         print("usage: python -m modelsmith.gpu.trainer SPEC.json", file=sys.stderr)
         events.emit(TrainerFailed(error="bad_spec", detail="expected exactly one SPEC.json"))

@@ -6,7 +6,9 @@ line by line: each line is appended to ``log_path`` and, when it decodes as a
 :data:`~modelsmith.gpu.trainer_spec.TrainerEvent`, handed to ``on_event`` (a line that does not
 decode is logged and skipped, never fatal). Stderr is written in full to
 ``work_dir/trainer.stderr.log`` and its last lines are kept for error reports. The child's pid is
-in ``work_dir/trainer.pid`` while it runs, so a restarted daemon can find it.
+in ``work_dir/trainer.pid`` while it runs, so a restarted daemon can find it. With a
+:class:`~modelsmith.gpu.warm_trainer.WarmTrainer`, the job is sent to its waiting child (imports
+done) as one JSON line on that child's stdin, and the next warm child is started after the job.
 
 Resources and errors:
 
@@ -35,6 +37,7 @@ from typing import IO
 
 import anyio
 import anyio.to_thread
+import msgspec
 from anyio.abc import ByteReceiveStream, Process
 
 from modelsmith.atomic import atomic_write_bytes, atomic_write_text
@@ -49,6 +52,7 @@ from modelsmith.gpu.trainer_spec import (
     decode_event,
     encode_spec,
 )
+from modelsmith.gpu.warm_trainer import WarmTrainer
 
 __all__ = [
     "PID_FILE",
@@ -115,6 +119,8 @@ class TrainerProcess:
     python: str = sys.executable
     env: Mapping[str, str] | None = None
     cancel_grace: float = 30.0
+    warm: WarmTrainer | None = None
+    warm_started: bool = False
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
     stopped: TrainerStopped | None = None
     adapter_saved: AdapterSaved | None = None
@@ -150,19 +156,43 @@ class TrainerProcess:
         self._log = self.log_path.open("ab")
         self._stderr_log = (self.work_dir / STDERR_FILE).open("ab")
         try:
-            self._process = await anyio.open_process(
-                [self.python, "-m", "modelsmith.gpu.trainer", str(spec_path)],
-                stdin=subprocess.DEVNULL,
-                env=self._child_env(),
-                # Own process group: a signal meant for the daemon's group never reaches it, and
-                # we can signal everything it started.
-                start_new_session=True,
-            )
+            self._process = await self._take_warm(spec_path)
+            if self._process is None:
+                self._process = await anyio.open_process(
+                    [self.python, "-m", "modelsmith.gpu.trainer", str(spec_path)],
+                    stdin=subprocess.DEVNULL,
+                    env=self._child_env(),
+                    # Own process group: a signal meant for the daemon's group never reaches it,
+                    # and we can signal everything it started.
+                    start_new_session=True,
+                )
             exit_code = await self._supervise(self._process)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close()
+        if self.warm is not None:
+            await self.warm.start()  # the next job's imports run now, between jobs
         return await self._outcome(exit_code)
+
+    async def _take_warm(self, spec_path: Path) -> Process | None:
+        """The warm child, sent this job; None when there is none or it cannot take the job."""
+        if self.warm is None:
+            return None
+        process = await self.warm.take()
+        if process is None or process.stdin is None:
+            return None
+        request = msgspec.json.encode({"spec": str(spec_path), "env": self._child_env()})
+        try:
+            await process.stdin.send(request + b"\n")
+            await process.stdin.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_KILL_WAIT_SECONDS):
+                await process.aclose()
+            return None
+        self.warm_started = True
+        return process
 
     async def _supervise(self, process: Process) -> int:
         self.pid = process.pid
@@ -328,8 +358,13 @@ async def run_trainer(
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
     cancel_grace: float = 30.0,
+    warm: WarmTrainer | None = None,
 ) -> TrainerOutcome:
-    """Run one trainer child to its end; see :class:`TrainerProcess` and the module doc."""
+    """Run one trainer child to its end; see :class:`TrainerProcess` and the module doc.
+
+    With ``warm``, the job goes to its waiting child when there is one (else a cold start) and a
+    new warm child is started when this one has ended.
+    """
     trainer = TrainerProcess(
         spec=spec,
         on_event=on_event,
@@ -337,5 +372,6 @@ async def run_trainer(
         python=python,
         env=env,
         cancel_grace=cancel_grace,
+        warm=warm,
     )
     return await trainer.run()

@@ -4,8 +4,30 @@ The daemon writes a :class:`TrainJobSpec` as JSON and starts ``python -m modelsm
 SPEC.json``; the child prints one JSON object per line on stdout, each a :data:`TrainerEvent`
 tagged by its ``"event"`` field::
 
-    started ─► metric* ─► checkpoint* ─► stopped ─► adapter_saved
+    started ─► metric* ─► checkpoint* ─► stopped ─► adapter_saved? ─► released
                                     └─► failed   (exit code 1)
+
+Memory: ``released``, the last event, carries the peak and the final allocated device memory;
+the child releases the model, optimiser and rollout engine before it measures the final one.
+
+Canaries (the hot-load check): when the job saves an adapter, ``canaries.json`` is in the
+adapter directory and covered by its ``manifest.json`` file hashes::
+
+    {"format": 1, "tolerance": 0.05,
+     "canaries": [{"scenario_id": str, "prompt_text": str, "completion_text": str,
+                   "completion_token_ids": [int], "token_logprobs": [float]}]}
+
+``prompt_text`` is the exact text given to the model (chat template applied, generation prompt
+included; tokenised with ``add_special_tokens=False``). ``completion_token_ids`` is the greedy
+(temperature 0) continuation of at most ``max_completion_length`` tokens from the trained model
+(base + adapter, in the training dtype), ending at the first EOS token if one came (the EOS id is
+included); ``completion_text`` is its decoding without special tokens; ``token_logprobs[i]`` is
+the natural-log probability of ``completion_token_ids[i]`` under the model's raw logits
+(log-softmax, no temperature, no penalties). A replaying engine must produce the same token ids
+greedily, and each logprob within ``tolerance`` (absolute, per token) of the recorded one: 0.05
+covers float32 vs bf16 kernels and batch-order differences between transformers and vLLM on one
+model, while a stale or wrong adapter moves the greedy tokens themselves or the logprobs by far
+more. The canaries are the first ``TrainJobSpec.canaries`` training scenarios (in spec order).
 
 Non-finite floats (NaN, inf) cannot be JSON; msgspec writes them as ``null``, so every metric
 float is ``float | None``.
@@ -27,12 +49,14 @@ __all__ = [
     "ConvergenceSpec",
     "GrpoSpec",
     "LoraSpec",
+    "RolloutSpec",
     "StopReason",
     "TrainJobSpec",
     "TrainerCheckpoint",
     "TrainerEvent",
     "TrainerFailed",
     "TrainerMetric",
+    "TrainerReleased",
     "TrainerStarted",
     "TrainerStopped",
     "decode_event",
@@ -77,6 +101,23 @@ class GrpoSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     logging_steps: int = 1
 
 
+class RolloutSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How GRPO completions are sampled (see :mod:`modelsmith.gpu.trainer_rollouts`).
+
+    ``"auto"`` is ``"vllm"`` on CUDA when vllm is installed, else ``"hf"``. ``"vllm"`` generates with an offline vLLM engine inside the trainer process,
+    loading the in-training LoRA adapter every ``sync_steps`` optimiser steps (sleeping between
+    rollouts on CUDA, with ``gpu_memory_utilization`` of the device while awake); ``"hf"`` uses
+    transformers' ``generate`` through TRL. A group whose completions all get the same reward
+    is regenerated up to ``max_resample_rounds`` times (0: never), so one generation batch of
+    N completions costs at most ``N * (1 + max_resample_rounds)`` completions.
+    """
+
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    sync_steps: int = 1
+    max_resample_rounds: int = 2
+    gpu_memory_utilization: float = 0.3
+
+
 class ConvergenceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """When to stop before ``max_steps``.
 
@@ -110,9 +151,13 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lora: LoraSpec = LoraSpec()
     grpo: GrpoSpec = GrpoSpec()
     convergence: ConvergenceSpec = ConvergenceSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    canaries: int = 3
     resume: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool | None = None
+    # ``[model] chat_template_kwargs``: prompts are rendered as the engine renders them.
+    chat_template_kwargs: dict[str, bool | int | float | str] = {}
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, why) for each value that cannot run; empty when the spec is usable."""
@@ -149,6 +194,15 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append(("grpo.beta", "must be a finite number >= 0"))
         if not math.isfinite(g.temperature) or g.temperature <= 0:
             found.append(("grpo.temperature", "must be a finite number > 0"))
+        r = self.rollout
+        if r.sync_steps <= 0:
+            found.append(("rollout.sync_steps", "must be > 0"))
+        if r.max_resample_rounds < 0:
+            found.append(("rollout.max_resample_rounds", "must be >= 0"))
+        if not 0 < r.gpu_memory_utilization < 1:
+            found.append(("rollout.gpu_memory_utilization", "must be between 0 and 1"))
+        if self.canaries < 0:
+            found.append(("canaries", "must be >= 0"))
         if not self.scenarios:
             found.append(("scenarios", "a training job needs at least one scenario"))
         if not self.lora.target_modules:
@@ -181,6 +235,12 @@ class TrainerMetric(msgspec.Struct, frozen=True, tag="metric", tag_field="event"
     completion_length: float | None
     seconds_per_step: float | None
     epoch: float | None
+    # Share of this step's groups whose completions all got the same reward, after resampling
+    # (they carry no gradient), and the same share at first draw, before any resampling.
+    zero_variance_group_share: float | None = None
+    zero_variance_first_draw_share: float | None = None
+    extra_rollouts: int = 0
+    rollout_tokens_per_second: float | None = None
 
 
 class TrainerCheckpoint(msgspec.Struct, frozen=True, tag="checkpoint", tag_field="event"):
@@ -196,6 +256,18 @@ class TrainerStopped(msgspec.Struct, frozen=True, tag="stopped", tag_field="even
     reason: StopReason
     step: int
     detail: str = ""
+
+
+class TrainerReleased(msgspec.Struct, frozen=True, tag="released", tag_field="event"):
+    """The last event of a run that did not fail: the child let go of the device.
+
+    On CUDA, ``peak_device_bytes`` is the most memory torch allocated on the device during the
+    job and ``final_device_bytes`` what was still allocated after the model, the optimiser and
+    the rollout engine were released (0 when nothing leaked); both ``None`` on the CPU.
+    """
+
+    peak_device_bytes: int | None
+    final_device_bytes: int | None
 
 
 class AdapterSaved(msgspec.Struct, frozen=True, tag="adapter_saved", tag_field="event"):
@@ -225,6 +297,7 @@ TrainerEvent = (
     | TrainerCheckpoint
     | TrainerStopped
     | AdapterSaved
+    | TrainerReleased
     | TrainerFailed
 )
 

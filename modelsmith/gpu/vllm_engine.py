@@ -211,7 +211,12 @@ class VllmEngine:
         request_id = f"{self.name}-{next(self._request_ids)}-{uuid.uuid4().hex[:8]}"
         final: Any = None
         try:
-            (engine_input,) = await llm.renderer.render_cmpl_async([{"prompt": text}])
+            # The text already holds the template's special tokens (a bos among them): tokenised
+            # without adding any, as vLLM's chat endpoint and the trainer's canaries do.
+            token_ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+            (engine_input,) = await llm.renderer.render_cmpl_async(
+                [{"prompt_token_ids": list(token_ids)}]
+            )
             async for output in llm.generate(
                 engine_input, params, request_id, lora_request=lora_request
             ):

@@ -21,7 +21,12 @@ from safetensors.torch import load_file
 from modelsmith.errors import TrainerError, ValidationError
 from modelsmith.examples.tinymodel import warm_start
 from modelsmith.gpu.adapters import verify_adapter
-from modelsmith.gpu.trainer import PlateauDetector
+from modelsmith.gpu.trainer_canaries import (
+    CANARIES_FILE,
+    CANARY_LOGPROB_TOLERANCE,
+    decode_canaries,
+)
+from modelsmith.gpu.trainer_control import PlateauDetector
 from modelsmith.gpu.trainer_process import TrainerOutcome, run_trainer
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
@@ -30,6 +35,7 @@ from modelsmith.gpu.trainer_spec import (
     TrainerCheckpoint,
     TrainerEvent,
     TrainerMetric,
+    TrainerReleased,
     TrainerStarted,
     TrainerStopped,
     TrainJobSpec,
@@ -154,10 +160,48 @@ def test_a_run_reports_started_checkpoints_and_the_adapter_it_saved(
     assert outcome.adapter is not None
     assert outcome.adapter.adapter_sha256 == saved[0].sha256
     assert verify_adapter(Path(spec.output_dir)) == outcome.adapter
-    assert isinstance(events[-1], AdapterSaved)
+    assert isinstance(events[-2], AdapterSaved)
+    assert events[-1] == TrainerReleased(peak_device_bytes=None, final_device_bytes=None)  # CPU
     metric = of_type(events, TrainerMetric)[-1]
+    assert metric.zero_variance_group_share is not None
+    assert 0.0 <= metric.zero_variance_group_share <= 1.0
     assert metric.learning_rate is not None and metric.completion_length is not None
     assert metric.seconds_per_step is not None and metric.seconds_per_step > 0
+
+
+def test_the_adapter_carries_canaries_that_the_trained_model_reproduces(
+    first_run: tuple[TrainJobSpec, TrainerOutcome, list[TrainerEvent]],
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec, outcome, _ = first_run
+    adapter = Path(spec.output_dir)
+    assert outcome.adapter is not None
+    assert CANARIES_FILE in [f.name for f in outcome.adapter.files]  # the manifest covers it
+    record = decode_canaries((adapter / CANARIES_FILE).read_bytes())
+    assert (record.format, record.tolerance) == (1, CANARY_LOGPROB_TOLERANCE)
+    assert [c.scenario_id for c in record.canaries] == ["live-0", "live-1", "live-2"]
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model)
+    base = AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    for canary in record.canaries:
+        assert canary.completion_token_ids and len(canary.token_logprobs) == len(
+            canary.completion_token_ids
+        )
+        # Replay: teacher-forced logprobs of the recorded tokens, and greedy choice at each step.
+        prompt_ids = tokenizer(canary.prompt_text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + canary.completion_token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+        steps = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+        assert steps.argmax(dim=-1).tolist() == canary.completion_token_ids
+        replayed = [float(steps[i, t]) for i, t in enumerate(canary.completion_token_ids)]
+        assert all(
+            abs(a - b) <= record.tolerance
+            for a, b in zip(replayed, canary.token_logprobs, strict=True)
+        )
 
 
 def test_the_trained_adapter_weights_moved_away_from_their_initial_zeros(

@@ -8,12 +8,15 @@ import os
 import shutil
 import tarfile
 import tempfile
+from html import escape
+from html import unescape as html_unescape
 from pathlib import Path
 
 import anyio
 import pytest
 from support.promotion_home import (
     CLUSTER,
+    CORE_IDS,
     PromotionHome,
     Reviewer,
     allow_signers,
@@ -23,6 +26,7 @@ from support.promotion_home import (
 
 from modelsmith.errors import NotFound
 from modelsmith.loop.promotion.bundle import MANIFEST, TARBALL, failure_patterns, verify_bundle
+from modelsmith.loop.promotion.bundle_html import BundlePage, render_page
 from modelsmith.loop.promotion.service import PromotionService, Requester
 from modelsmith.loop.records.approval import make_statement
 from modelsmith.rpc.schema.evals import CriterionOutcome, ScenarioResult
@@ -58,11 +62,11 @@ async def test_the_bundle_holds_everything_it_shows_and_verifies(
     assert directory == tmp_path / "home" / CLUSTER / "bundles" / request_id
     expected = {"index.html", "record/promotion-request.json", "record/decision.json",
                 "evals/candidate-summary.json", "evals/baseline-summary.json",
-                "analysis/diff.json", "analysis/failure-patterns.json",
+                "analysis/diff.json", "analysis/comparison.json", "analysis/failure-patterns.json",
                 "analysis/training-curve.json", "analysis/composite-by-iteration.json",
                 "charts/training-curve.svg", "charts/composite-by-iteration.svg",
                 "training/training_manifest.json", "training/leakage-proof.json",
-                MANIFEST, "MANIFEST.sig", TARBALL}
+                "training/run.json", MANIFEST, "MANIFEST.sig", TARBALL}
     assert {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} \
         == expected
     with tarfile.open(directory / TARBALL) as tar:
@@ -169,27 +173,156 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None,
-                    reason="Debian's chromium package is not installed (apt-get install chromium)")
-async def test_the_page_renders_in_headless_chromium_and_is_not_blank(
-    tmp_path: Path, alice: Reviewer
-) -> None:
-    import matplotlib.image
+# Lays the page out in a frame of the given width (headless Chromium's window is at least
+# 500 px wide), measures it and writes the numbers into the DOM for --dump-dom to return.
+_PROBE = """<!DOCTYPE html><html><body style="margin:0">
+<iframe id="page" style="width:WIDTHpx;height:1600px;border:0" srcdoc="SRCDOC"></iframe>
+<script>
+const frame = document.getElementById('page');
+frame.onload = () => {
+  const doc = frame.contentDocument, win = frame.contentWindow;
+  const box = e => e.getBoundingClientRect();
+  const cards = [...doc.querySelectorAll('.cards .card')].map(c => Math.round(box(c).top));
+  const tables = [...doc.querySelectorAll('table')].map(t => {
+    const cells = t.querySelectorAll('tbody tr:last-child > td');
+    const last = cells[cells.length - 1];
+    return {table: win.getComputedStyle(t).borderBottomStyle + ' ' +
+              win.getComputedStyle(t).borderBottomWidth,
+            lastCell: last ? win.getComputedStyle(last).borderBottomStyle : 'none'};
+  });
+  const chart = doc.querySelectorAll('.chart')[1];
+  const legend = chart.querySelector('[id^="legend"]');
+  const axes = chart.querySelector('[id^="axes"] [id^="patch"]');
+  const out = {width: win.innerWidth, scrollWidth: doc.documentElement.scrollWidth,
+               cards, tables, legendLeft: box(legend).left, axesRight: box(axes).right,
+               details: doc.querySelectorAll('details').length};
+  const pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+};
+</script></body></html>"""
 
-    _, directory, _ = await _approved_bundle(tmp_path, alice)
-    screenshot = tmp_path / "page.png"
-    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path))
+
+async def _chromium_run(tmp_path: Path, *args: str) -> tuple[int, str, str]:
     chromium = _chromium()
     assert chromium is not None
+    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path))
     with anyio.fail_after(120):
         completed = await anyio.run_process(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={profile}", f"--screenshot={screenshot}",
-             "--window-size=1200,1600", (directory / "index.html").as_uri()],
+             "--disable-sync", f"--user-data-dir={profile}", *args],
             check=False, env={**os.environ, "HOME": str(tmp_path)})
+    return (completed.returncode, completed.stdout.decode(errors="replace"),
+            completed.stderr.decode(errors="replace"))
 
-    assert screenshot.is_file(), completed.stderr.decode(errors="replace")[-2000:]
+
+def _rows(tops: list[int]) -> list[int]:
+    """How many cards sit on each row, top to bottom."""
+    return [tops.count(top) for top in sorted(set(tops))]
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason="Debian's chromium package is not installed (apt-get install chromium)")
+@pytest.mark.parametrize(("width", "columns"), [(1280, 4), (390, 2)])
+async def test_the_page_lays_out_at_desktop_and_phone_width_in_headless_chromium(
+    tmp_path: Path, alice: Reviewer, width: int, columns: int
+) -> None:
+    import matplotlib.image
+
+    _, directory, _ = await _approved_bundle(tmp_path, alice)
+    screenshot = tmp_path / f"page-{width}.png"
+    _, _, stderr = await _chromium_run(tmp_path, f"--screenshot={screenshot}",
+                                       f"--window-size={width},1600",
+                                       (directory / "index.html").as_uri())
+    assert screenshot.is_file(), stderr[-2000:]
     pixels = matplotlib.image.imread(screenshot)
-    assert pixels.shape[0] == 1600 and pixels.shape[1] == 1200
+    assert pixels.shape[:2] == (1600, width)
     assert float(pixels[..., :3].std()) > 0.05  # text, tables and charts, not a blank page
+
+    probed = tmp_path / "probe.html"  # the bundle's own page has no script: a frame holds it
+    probed.write_text(_PROBE.replace("WIDTH", str(width)).replace(
+        "SRCDOC", escape((directory / "index.html").read_text(), quote=True)))
+    _, dom, stderr = await _chromium_run(tmp_path, "--dump-dom", "--virtual-time-budget=5000",
+                                         f"--window-size={width + 40},1700", probed.as_uri())
+    assert '<pre id="probe">' in dom, stderr[-2000:]
+    start = dom.index('<pre id="probe">') + len('<pre id="probe">')
+    layout = json.loads(html_unescape(dom[start:dom.index("</pre>", start)]))
+
+    assert layout["width"] == width
+    assert layout["scrollWidth"] <= width  # nothing widens the page past the screen
+    assert _rows(layout["cards"]) == [columns] * (8 // columns)  # full rows: no card alone
+    assert layout["tables"] and all(t["table"] == "solid 1px" and t["lastCell"] == "none"
+                                    for t in layout["tables"])  # the table draws its bottom
+    assert layout["legendLeft"] >= layout["axesRight"]  # the legend is beside the plot
+    assert layout["details"] == 3  # core-1, core-2 and held-2 fixed, each collapsible
+
+
+async def test_every_fixed_and_regressed_scenario_is_on_the_page_with_its_evidence(
+    tmp_path: Path,
+) -> None:
+    home = PromotionHome(tmp_path / "home", max_regressions=1)
+    (home.root / "models" / "tiny-llama").mkdir(parents=True)
+    (home.root / "models" / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
+    spec_dir = home.root / "train" / "train-1"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "spec.json").write_text(json.dumps({
+        "job_id": "train-1", "lora": {"r": 16, "alpha": 32},
+        "grpo": {"max_steps": 20, "learning_rate": 0.002, "beta": 0.04}}))
+    # core-3 passed in the base eval and fails now; core-1, core-2, held-2, held-3 are fixed.
+    home.trained_candidate(passed=set(CORE_IDS) - {"core-3"} | {"held-1", "held-2", "held-3"})
+    fleet, runtime = home.open()
+    pool, _ = engine_pool_for(runtime.cluster)
+    service = PromotionService(fleet, pool, home.home)
+    requested = await service.request(CLUSTER, ME, note="one regression")
+    exported = await service.export_bundle(CLUSTER, requested.request_id)
+    directory = Path(exported.directory)
+    html = (directory / "index.html").read_text()
+    diff = json.loads((directory / "analysis/diff.json").read_text())
+    run = json.loads((directory / "training/run.json").read_text())
+    proof = json.loads((directory / "training/leakage-proof.json").read_text())
+    request = json.loads((directory / "record/promotion-request.json").read_text())
+
+    assert [s["scenario_id"] for s in diff["regressed"]] == ["core-3"]
+    assert [s["scenario_id"] for s in diff["fixed"]] == ["core-1", "core-2", "held-2", "held-3"]
+    regressed = diff["regressed"][0]
+    assert (regressed["response_a"], regressed["response_b"]) == ("4", "five")
+    assert regressed["criteria_b"][0]["detail"] == "expected 4"
+    assert html.count("<details>") == 5
+    section = html[html.index('id="regressed"'):html.index('id="fixed"')]
+    for shown in ("core-3", "What is the floor price for core-3?", "five", "expected 4",
+                  "wrong_answer"):
+        assert escape(shown) in section
+    assert (run["stop_reason"], run["steps"]) == ("completed", 20)
+    assert run["hyperparameters"]["grpo"]["learning_rate"] == 0.002
+    assert "grpo.learning_rate" in html and "completed" in html
+    identity = request["model"]["base_model_sha256"]
+    assert identity and identity in html
+    # The hash the trainer recorded, not "—".
+    assert proof["held_out_ids_sha256"] in html
+
+
+def test_the_page_shows_intervals_the_paired_test_tags_and_how_much_is_format() -> None:
+    summary = {"composite_ci95": [0.71, 0.86], "held_out_ci95": [0.55, 0.8],
+               "format_score": 0.98, "substance_score": 0.7,
+               "by_tag": {"unseen-type": {"score": 0.5, "count": 6, "passed": 2}},
+               "by_tag_ci95": {"unseen-type": [0.33, 0.67]}}
+    comparison = {"format_delta": 0.3, "substance_delta": 0.1,
+                  "paired": {"n": 54, "fixed": 12, "regressed": 2, "mcnemar_p": 0.0129,
+                             "sign_p": 0.02, "mean_delta": 0.2, "delta_ci95": [0.1, 0.3]}}
+    page = BundlePage(
+        request={"request_id": "r1", "cluster": "c", "eval": {"composite": 0.8}},
+        status="pending", decision=None, candidate_summary=summary,
+        baseline_summary={"by_tag": {"unseen-type": {"score": 0.4, "count": 6, "passed": 1}}},
+        baseline_label="baseline eval b", diff={}, comparison=comparison, failure_patterns=[],
+        training_manifest=None, training_run={}, leakage_proof={}, training_chart_svg="",
+        composite_chart_svg="", files=[])
+
+    html = render_page(page)
+
+    assert "71.0–86.0%" in html and "55.0–80.0%" in html  # composite and held-out intervals
+    assert "0.013" in html and "12 / 2" in html  # McNemar p and the discordant pairs
+    assert "format is 75% of the summed rise" in html  # 0.3 of 0.3 + 0.1
+    tags = html[html.index("Scores by tag"):]
+    assert "unseen-type" in tags and "33.0–67.0%" in tags and "+10.0 pt" in tags

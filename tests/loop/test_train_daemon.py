@@ -104,7 +104,7 @@ def test_cancelling_a_running_training_job_cancels_it_without_advancing_and_a_se
     assert cancelled and final_state == "cancelled"
     entries = cluster_daemon.ledger_entries(cluster)
     failed = [e for e in entries if e["kind"] == "train.failed"]
-    assert failed and failed[-1]["data"]["error"] == "cancelled"
+    assert failed and failed[-1]["data"]["error"]["name"] == "cancelled"  # code and name, not only text
     assert not [e for e in entries if e["kind"] == "iteration.advanced"]
     # The trainer saves on SIGTERM (so a job can resume), but nothing is promoted to an iteration.
     assert cluster_daemon.call("train.status", {"job_id": job_id})["job"]["state"] == "cancelled"

@@ -7,13 +7,19 @@
     record/decision.json            the signed decision with reviewers' SSH signatures (if any)
     evals/candidate-summary.json    the candidate's eval summary
     evals/baseline-summary.json     the champion's eval (or the eval's own baseline)
-    analysis/diff.json              scenario by scenario: fixed, regressed, unchanged
+    analysis/diff.json              scenario by scenario: fixed, regressed, unchanged; the fixed
+                                    and regressed ones with prompt, both responses, reference and
+                                    criterion breakdowns
+    analysis/comparison.json        eval.compare of baseline vs candidate (deltas, paired test,
+                                    format and substance deltas where the eval carries them)
     analysis/failure-patterns.json  failed criteria of the candidate grouped by type + error kind
     analysis/training-curve.json    reward and KL by step, from the trainer's metric log
     analysis/composite-by-iteration.json  from the ledger's eval.finished entries
     charts/*.svg                    the charts, as embedded in index.html
     training/training_manifest.json the trainer's manifest, byte for byte
     training/leakage-proof.json     the manifest's check, re-done against today's held-out set
+    training/run.json               hyperparameters (the trainer's spec.json), stop reason and
+                                    steps (the ledger's iteration.advanced), base model identity
     MANIFEST                        ``sha256  path`` for every file above (``sha256sum -c``)
     MANIFEST.sig                    the daemon's Ed25519 signature over MANIFEST
     bundle.tar.gz                   all of the above under ``<request_id>/``
@@ -40,9 +46,11 @@ from modelsmith.errors import ModelsmithError, NotFound
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.records.events import (
     EvalFinished,
+    IterationAdvanced,
     PromotionApproved,
     PromotionRejected,
     PromotionRequested,
+    TrainStarted,
 )
 
 if TYPE_CHECKING:
@@ -83,6 +91,12 @@ def _read_json(path: Path) -> tuple[bytes, Any] | None:
 # -- what the bundle shows -------------------------------------------------------------------
 
 
+def _criteria(result: Any) -> list[dict[str, Any]]:
+    return [{"name": c.name, "type": c.type, "weight": c.weight, "score": c.score,
+             "passed": c.passed, "detail": c.detail, "error_kind": c.error_kind}
+            for c in result.criteria]
+
+
 def scenario_diff(before: Sequence[Any], after: Sequence[Any]) -> dict[str, Any]:
     """Fixed / regressed / unchanged between two result lists (ScenarioResult-like objects)."""
     old = {r.scenario_id: r for r in before}
@@ -93,9 +107,16 @@ def scenario_diff(before: Sequence[Any], after: Sequence[Any]) -> dict[str, Any]
             continue
         status = ("fixed" if result.passed and not prior.passed else
                   "regressed" if prior.passed and not result.passed else "unchanged")
-        out[status].append({"scenario_id": result.scenario_id, "set": result.set,
-                            "score_a": prior.score, "score_b": result.score,
-                            "passed": result.passed})
+        entry: dict[str, Any] = {"scenario_id": result.scenario_id, "set": result.set,
+                                 "score_a": prior.score, "score_b": result.score,
+                                 "passed": result.passed}
+        if status != "unchanged":
+            # What a reviewer needs to judge the flip without opening results.jsonl.
+            entry.update(tags=list(result.tags), prompt=result.prompt,
+                         reference=result.reference, response_a=prior.response,
+                         response_b=result.response, criteria_a=_criteria(prior),
+                         criteria_b=_criteria(result))
+        out[status].append(entry)
     return {**out, "fixed_count": len(out["fixed"]), "regressed_count": len(out["regressed"]),
             "unchanged_count": len(out["unchanged"])}
 
@@ -143,6 +164,64 @@ def composite_by_iteration(events: Sequence[Recorded[LedgerEvent]]) -> list[dict
             for r in events if isinstance(r.event, EvalFinished)]
 
 
+def _with_intervals(points: list[dict[str, Any]], evals: Path) -> list[dict[str, Any]]:
+    """Each point with its summary's 95% intervals (None in summaries written before them)."""
+    for point in points:
+        loaded = _read_json(evals / str(point["tag"]) / "summary.json")
+        summary = loaded[1] if loaded and isinstance(loaded[1], dict) else {}
+        point["composite_ci95"] = summary.get("composite_ci95")
+        point["held_out_ci95"] = summary.get("held_out_ci95")
+    return points
+
+
+def comparison(cluster: Cluster, baseline_tag: str | None, tag: str) -> dict[str, Any] | None:
+    """eval.compare of the baseline and the candidate as built-ins; None without a baseline."""
+    import msgspec
+
+    from modelsmith.loop.cluster.fleet import ClusterRuntime
+    from modelsmith.loop.eval.service import compare_evals
+
+    if baseline_tag is None:
+        return None
+    try:
+        # The comparison reads only the two evals' files: a runtime with no ledger opened.
+        compared = compare_evals(ClusterRuntime(cluster=cluster), baseline_tag, tag)
+    except ModelsmithError:
+        return None
+    built: dict[str, Any] = msgspec.to_builtins(compared)
+    return built
+
+
+def training_run(root: Path, entries: Sequence[Recorded[LedgerEvent]], adapter: str,
+                 manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """How the adapter was trained: hyperparameters, stop reason, steps, base model identity.
+
+    The hyperparameters are the trainer's own ``spec.json`` (what it actually ran with); the
+    stop reason and steps are the ledger's ``iteration.advanced`` record of the adapter.
+    """
+    advanced = [r.event for r in entries
+                if isinstance(r.event, IterationAdvanced) and r.event.adapter == adapter]
+    last = advanced[-1] if advanced else None
+    job_id = last.train_job if last else (manifest or {}).get("job_id")
+    started = [r.event for r in entries
+               if isinstance(r.event, TrainStarted) and r.event.job_id == job_id]
+    work_dir = Path(started[-1].work_dir) if started else root / "train" / str(job_id)
+    spec = _read_json(work_dir / "spec.json")
+    spec_value = spec[1] if spec and isinstance(spec[1], dict) else {}
+    hyper = {key: spec_value[key] for key in ("lora", "grpo", "convergence", "rollout")
+             if key in spec_value}
+    return {
+        "train_job": job_id, "stop_reason": last.stop_reason if last else None,
+        "steps": last.steps if last else None,
+        "hyperparameters": hyper or None,
+        "hyperparameters_source": (f"{work_dir.name}/spec.json" if hyper else None),
+        "base_model": (manifest or {}).get("base_model"),
+        "base_model_sha256": (manifest or {}).get("base_model_sha256"),
+        "near_miss_margin": (manifest or {}).get("near_miss_margin"),
+        "init_adapter": (manifest or {}).get("init_adapter"),
+    }
+
+
 def _leakage_proof(cluster: Cluster, manifest: dict[str, Any] | None) -> dict[str, Any]:
     from modelsmith.loop.scoring.scenarios import load_catalog, prompt_hash, scenario_hash
 
@@ -162,68 +241,6 @@ def _leakage_proof(cluster: Cluster, manifest: dict[str, Any] | None) -> dict[st
             "trainer_check": own, "trained_count": len(trained), "held_out_count": len(held),
             "held_out_ids_sha256": sha256_hex("\n".join(sorted(held_ids)).encode()),
             "overlapping_ids": ids, "overlapping_hashes": hashes}
-
-
-# -- charts ----------------------------------------------------------------------------------
-
-
-def _svg(figure: Any, salt: str) -> str:
-    import matplotlib
-
-    buffer = io.StringIO()
-    # A fixed salt and no date keep the SVG reproducible; text as paths needs no fonts.
-    with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "path"}):
-        figure.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
-    text = buffer.getvalue()
-    start = text.find("<svg")
-    return text[start:] if start >= 0 else text
-
-
-def _training_chart(points: Sequence[dict[str, Any]]) -> str:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.2))
-    reward_axis, kl_axis = figure.subplots(1, 2)
-    steps = [p["step"] for p in points]
-    for axis, key, color in ((reward_axis, "reward_mean", "#1f6feb"), (kl_axis, "kl", "#d4552b")):
-        pairs = [(s, p[key]) for s, p in zip(steps, points, strict=True) if p.get(key) is not None]
-        if pairs:
-            axis.plot([s for s, _ in pairs], [v for _, v in pairs], color=color, linewidth=1.6)
-        else:
-            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes)
-        axis.set_title("reward (mean)" if key == "reward_mean" else "KL to the base model")
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return _svg(figure, "training")
-
-
-def _composite_chart(points: Sequence[dict[str, Any]], threshold: float | None) -> str:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(9, 3.2))
-    axis = figure.subplots()
-    latest: dict[int, dict[str, Any]] = {}
-    for point in points:
-        latest[int(point["iteration"])] = point  # the newest eval of each iteration
-    xs = sorted(latest)
-    if xs:
-        axis.plot(xs, [latest[x]["composite"] for x in xs], marker="o", color="#1f6feb",
-                  label="composite")
-        held = [(x, latest[x]["held_out"]) for x in xs if latest[x].get("held_out") is not None]
-        if held:
-            axis.plot([x for x, _ in held], [v for _, v in held], marker="s", color="#8250df",
-                      label="held-out")
-    if threshold is not None:
-        axis.axhline(threshold, color="#b42318", linestyle="--", linewidth=1, label="threshold")
-    axis.set_xlabel("iteration")
-    axis.set_ylim(0, 1.05)
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
-    if xs:
-        axis.set_xticks(xs)
-    figure.tight_layout()
-    return _svg(figure, "composite")
 
 
 # -- building --------------------------------------------------------------------------------
@@ -249,6 +266,7 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
     the ledger has no such request.
     """
     from modelsmith.loop.eval.run import RESULTS_FILE, read_results
+    from modelsmith.loop.promotion.bundle_charts import composite_chart, training_chart
     from modelsmith.loop.promotion.bundle_html import BundlePage, render_page
 
     root = cluster.root
@@ -287,7 +305,10 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
     before = read_results(evals / str(baseline_tag) / RESULTS_FILE) if baseline_tag else []
     diff = {"baseline_tag": baseline_tag, "candidate_tag": tag, **scenario_diff(before, results)}
     patterns = failure_patterns(results)
+    compared = comparison(cluster, str(baseline_tag) if baseline_tag else None, tag)
     files["analysis/diff.json"] = _json_bytes(diff)
+    if compared is not None:
+        files["analysis/comparison.json"] = _json_bytes(compared)
     files["analysis/failure-patterns.json"] = _json_bytes(patterns)
 
     adapter = str(request["adapter"]["name"])
@@ -297,14 +318,16 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
         files["training/training_manifest.json"] = manifest_loaded[0]
     proof = _leakage_proof(cluster, manifest)
     files["training/leakage-proof.json"] = _json_bytes(proof)
+    run = training_run(root, entries, adapter, manifest)
+    files["training/run.json"] = _json_bytes(run)
     log_name = (manifest or {}).get("metrics_log")
     curve = training_curve(root / str(log_name)) if log_name else []
-    by_iteration = composite_by_iteration(entries)
+    by_iteration = _with_intervals(composite_by_iteration(entries), evals)
     files["analysis/training-curve.json"] = _json_bytes(curve)
     files["analysis/composite-by-iteration.json"] = _json_bytes(by_iteration)
     threshold = request.get("policy", {}).get("composite_threshold")
-    training_svg = _training_chart(curve)
-    composite_svg = _composite_chart(by_iteration, threshold)
+    training_svg = training_chart(curve)
+    composite_svg = composite_chart(by_iteration, threshold)
     files["charts/training-curve.svg"] = training_svg.encode()
     files["charts/composite-by-iteration.svg"] = composite_svg.encode()
 
@@ -314,7 +337,8 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
         request=request, status=status, decision=decision,
         candidate_summary=candidate[1] if candidate else None,
         baseline_summary=baseline[1] if baseline else None, baseline_label=baseline_label,
-        diff=diff, failure_patterns=patterns, training_manifest=manifest, leakage_proof=proof,
+        diff=diff, comparison=compared, failure_patterns=patterns, training_manifest=manifest,
+        training_run=run, leakage_proof=proof,
         training_chart_svg=training_svg, composite_chart_svg=composite_svg, files=listing)
     files["index.html"] = render_page(page).encode()
     manifest_bytes = _manifest_text(files)

@@ -8,6 +8,7 @@ ignores the ``signature`` block (it is checked separately, over the raw object).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ __all__ = [
     "ModelRef",
     "PolicyTerms",
     "PromotionRequestRecord",
+    "Requester",
     "RequesterRef",
     "RollbackRecord",
     "RollbackSide",
@@ -159,3 +161,22 @@ def read_record(data: dict[str, Any], kind: type[PromotionRequestRecord] | type[
                 ) -> Any:
     """A record file's object (signature already checked) as its type; the block is ignored."""
     return msgspec.convert({k: v for k, v in data.items() if k != "signature"}, kind)
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who asked for a promotion: the peer credentials of the RPC connection."""
+
+    uid: int
+    pid: int
+    username: str
+
+    @classmethod
+    def of(cls, uid: int, pid: int) -> Requester:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = f"uid-{uid}"
+        return cls(uid=uid, pid=pid, username=name)

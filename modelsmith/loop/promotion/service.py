@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import msgspec
@@ -49,7 +49,7 @@ from modelsmith.errors import (
     SignatureError,
     ValidationError,
 )
-from modelsmith.gpu.engine import Engine
+from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.model_identity import base_model_identity
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
@@ -63,6 +63,7 @@ from modelsmith.loop.promotion.records import (
     ModelRef,
     PolicyTerms,
     PromotionRequestRecord,
+    Requester,
     RequesterRef,
     RollbackRecord,
     RollbackSide,
@@ -109,41 +110,12 @@ from modelsmith.rpc.schema.promotion import (
 )
 from modelsmith.rpc.server import CallContext
 
-__all__ = ["ALLOWED_SIGNERS", "PromotionService", "Requester", "ServesAdapters"]
+__all__ = ["ALLOWED_SIGNERS", "PromotionService", "Requester"]
 
 ALLOWED_SIGNERS = "allowed_signers"
 SERVE_TIMEOUT_S = 300.0
 
 log = structlog.get_logger("modelsmith.promotion")
-
-
-class ServesAdapters(Protocol):
-    """What the gate needs of the engine pool (:class:`modelsmith.gpu.engines.EnginePool`)."""
-
-    def engine_for(self, cluster: str) -> Engine: ...
-
-    async def ensure_adapter(self, cluster: str, name: str, path: Path) -> str: ...
-
-    async def unload_adapter(self, cluster: str, name: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Requester:
-    """Who asked for a promotion: the peer credentials of the RPC connection."""
-
-    uid: int
-    pid: int
-    username: str
-
-    @classmethod
-    def of(cls, uid: int, pid: int) -> Requester:
-        import pwd
-
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = f"uid-{uid}"
-        return cls(uid=uid, pid=pid, username=name)
 
 
 @dataclass
@@ -160,7 +132,7 @@ class PromotionService:
     def __init__(
         self,
         fleet: Fleet,
-        engines: ServesAdapters | None,
+        engines: EnginePool | None,
         home: Path,
         *,
         clock: Callable[[], datetime] = utc_now,
