@@ -32,10 +32,18 @@ def eval_block(summary: EvalSummary) -> str:
         render.kv("tag", summary.tag),
         render.kv("scenarios", f"{summary.scored} ({kind}{summary.type.replace('_', '-')}: {sets})"),
         "",
-        render.gate("composite", g["composite"].value, g["composite"].threshold, g["composite"].passed),
+        render.scored_gate("composite", summary.composite, summary.composite_ci95, g["composite"]),
     ]
     if summary.type != "core":
-        lines.append(render.gate("held_out", g["held_out"].value, g["held_out"].threshold, g["held_out"].passed))
+        lines.append(render.scored_gate("held_out", summary.held_out, summary.held_out_ci95, g["held_out"]))
+    if summary.format_score is not None or summary.substance_score is not None:
+        lines.append(render.kv("format", render.score(summary.format_score)))
+        lines.append(render.kv("substance", render.score(summary.substance_score)))
+    if summary.repeats > 1:
+        flaky = f"  ({', '.join(summary.flaky[:5])}{', …' if len(summary.flaky) > 5 else ''})" if summary.flaky else ""
+        lines.append(render.kv("trials", f"{summary.repeats} per scenario"))
+        lines.append(render.kv(f"pass^{summary.repeats}", render.score(summary.pass_at_k)))
+        lines.append(render.kv("flaky", f"{len(summary.flaky)}{flaky}"))
     lines.append(render.kv("regressions", f"{reg.count} / {reg.compared}"
                            + (f"  (vs {reg.baseline_tag})" if reg.baseline_tag else "")))
     if summary.judge_errors:
@@ -47,7 +55,7 @@ def eval_block(summary: EvalSummary) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"cluster": args.cluster, "type": args.type, "quick": args.quick}
-    for key in ("tag", "workers", "domain", "adapter"):
+    for key in ("tag", "workers", "domain", "adapter", "repeats", "temperature"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     started = call(args, "eval.run", params, EvalStarted)
@@ -100,9 +108,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(render.kv("composite", f"{result.composite_a:.3f} → {result.composite_b:.3f}  ({result.composite_delta:+.3f})"))
     if result.held_out_a is not None and result.held_out_b is not None:
         print(render.kv("held_out", f"{result.held_out_a:.3f} → {result.held_out_b:.3f}"))
+    for label, a, b, delta in (("format", result.format_a, result.format_b, result.format_delta),
+                               ("substance", result.substance_a, result.substance_b, result.substance_delta)):
+        if a is not None or b is not None:
+            shown = f"  ({delta:+.3f})" if delta is not None else ""
+            print(render.kv(label, f"{render.score(a)} → {render.score(b)}{shown}"))
     print(render.kv("fixed", result.fixed))
     print(render.kv("regressed", result.regressed))
     print(render.kv("unchanged", result.unchanged))
+    if result.paired is not None:
+        t = result.paired
+        print(render.kv("McNemar", f"p={t.mcnemar_p:.3g}  ({t.fixed} fixed, {t.regressed} regressed of {t.n})"))
+        print(render.kv("sign test", f"p={t.sign_p:.3g}  ({t.improved} up, {t.worsened} down)"))
+        print(render.kv("mean delta", f"{t.mean_delta:+.3f}  {render.interval(t.delta_ci95, signed=True)}"))
     changed = [s for s in result.scenarios if s.status in ("fixed", "regressed")]
     if changed:
         print()
@@ -195,6 +213,10 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("--workers", type=int, help="scoring threads (default: [eval] workers of cluster.toml)")
     p.add_argument("--domain", help="only scenarios of this domain")
     p.add_argument("--adapter", help="base | champion | candidate | iter-N (default: newest)")
+    p.add_argument("--repeats", type=int, help="sample each scenario K times: pass rates, flaky "
+                   "scenarios, pass^K (default: 1)")
+    p.add_argument("--temperature", type=float, help="eval sampling temperature (default: "
+                   "[sampling] temperature of cluster.toml)")
     p.add_argument("--no-wait", action="store_true", help="return the job id at once")
 
     p = add("results", cmd_results, "failed scenarios of an eval with rubric breakdowns")

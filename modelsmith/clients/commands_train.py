@@ -17,7 +17,12 @@ def diagnosis_text(d: Diagnosis) -> str:
     out = [render.header(f"Diagnosis of {d.tag}"),
            render.kv("cluster", d.cluster),
            render.kv("failed", f"{d.failed} / {d.scenarios}"),
-           render.kv("near misses", d.near_misses), ""]
+           render.kv("near misses", d.near_misses)]
+    if d.repeats > 1:
+        rates = ", ".join(f"{sid} {d.pass_rates.get(sid, 0):.0%}" for sid in d.flaky[:8])
+        out.append(render.kv("trials", f"{d.repeats}; failed every trial: {len(d.consistent_failures)}"))
+        out.append(render.kv("flaky", f"{len(d.flaky)}" + (f"  ({rates})" if rates else "")))
+    out.append("")
     rows = [(p.pattern, p.count, f"{p.lost_score:.2f}", ", ".join(list(p.tags)[:3])) for p in d.patterns]
     out.append(render.table(rows, ["pattern", "count", "lost", "top tags"]))
     for p in d.patterns[:5]:

@@ -96,6 +96,10 @@ class EvalRunArgs(ToolArgs):
     domain: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     adapter: Annotated[str, msgspec.Meta(description=(
         '"base", "champion", "candidate" or "iter-N"; default: the newest adapter'))] | None = None
+    repeats: Annotated[int, msgspec.Meta(ge=1, le=100, description=(
+        "trials per scenario: per-scenario pass rates, flaky scenarios and pass^K in the summary"))] = 1
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=10, description=(
+        "eval sampling temperature; default: the cluster's"))] | None = None
 
 
 class JobStatusArgs(ToolArgs):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from modelsmith.rpc.schema.daemon import ClusterStatus, FleetStatus
+    from modelsmith.rpc.schema.evals import GateResult
 
 LABEL_WIDTH = 15
 
@@ -26,6 +27,27 @@ def gate(label: str, value: float | None, threshold: float, passed: bool | None 
         return kv(label, f"—        (threshold {threshold:.3f})")
     ok = value >= threshold if passed is None else passed
     return kv(label, f"{value:.3f}   {'PASS' if ok else 'FAIL'}  (threshold {threshold:.3f})")
+
+
+def score(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def interval(ci95: Sequence[float] | None, *, signed: bool = False) -> str:
+    """``[low, high]`` of a 95% interval; "" when there is none (older summaries)."""
+    if not ci95:
+        return ""
+    low, high = ci95[0], ci95[1]
+    return f"[{low:+.3f}, {high:+.3f}]" if signed else f"[{low:.3f}, {high:.3f}]"
+
+
+def scored_gate(label: str, point: float | None, ci95: Sequence[float] | None, result: GateResult) -> str:
+    """A score with its 95% interval and its gate; says when the gate judged the lower bound."""
+    if point is None:
+        return kv(label, f"—        (threshold {result.threshold:.3f})")
+    shown = f"{point:.3f} {interval(ci95)}".rstrip()
+    basis = ", on the lower bound" if result.basis == "lower_bound" else ""
+    return kv(label, f"{shown}   {'PASS' if result.passed else 'FAIL'}  (threshold {result.threshold:.3f}{basis})")
 
 
 def duration(seconds: float | None) -> str:

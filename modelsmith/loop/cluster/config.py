@@ -162,12 +162,25 @@ class PolicySection(_Section):
                                                        "most device time per iteration.")
     device_seconds_per_day: float | None = Field(default=None, gt=0, description="Budget: most "
                                                  "device time per day.")
+    gate_on: Literal["point", "lower_bound"] = Field(default="point", description="What the "
+                                                     "composite and held-out gates compare with "
+                                                     "their thresholds: the point score, or the "
+                                                     "lower bound of its 95% bootstrap interval.")
+    regression_alpha: float = Field(default=0.05, ge=0, lt=1, description="Refuse a "
+                                    "candidate that is significantly worse than the champion at "
+                                    "this level (exact McNemar on pass/fail or sign test on "
+                                    "scores, two-sided, paired by scenario; check "
+                                    "`paired_regression`); 0 turns the check off.")
 
 
 class EvalSection(_Section):
     quick_size: int = Field(default=32, ge=1, description="Scenarios in a --quick run "
                             "(a deterministic stratified subset).")
     workers: int = Field(default=0, ge=0, description="Scoring threads (0 = automatic).")
+    bootstrap_resamples: int = Field(default=2000, ge=100, le=100_000, description="Resamples "
+                                     "of the scenario bootstrap behind every 95% interval.")
+    bootstrap_seed: int = Field(default=0, description="Seed of the bootstrap, so a summary's "
+                                "intervals can be recomputed exactly.")
 
 
 class ClusterConfig(_Section):

@@ -4,6 +4,10 @@ A pattern is (failing criterion type, kind of failure), e.g. ``json / wrong_form
 ``numeric / out_of_tolerance``; scenarios whose answer was empty or a refusal, and judge
 failures, form their own patterns. Patterns are ranked by the score they lost, then by count,
 and carry a few examples (response against reference).
+
+With repeated trials a scenario that failed every trial is a consistent failure (patterns are
+built from those, one answer each); one that passed some trials and failed others is *flaky*
+and listed apart with its pass rate: it needs a steadier answer, not a new skill.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 
 from modelsmith.errors import NotFound
 from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.eval.aggregate import trial_stats
 from modelsmith.rpc.schema.evals import ScenarioResult
 from modelsmith.rpc.schema.train import Diagnosis, FailureExample, FailurePattern
 
@@ -50,7 +55,14 @@ def classify(result: ScenarioResult) -> list[tuple[str, str, str]]:
 
 
 def diagnose(cluster: str, tag: str, results: Sequence[ScenarioResult], *, near_miss_margin: float = 0.05) -> Diagnosis:
-    failed = [r for r in results if not r.passed]
+    stats = trial_stats(results)
+    flaky = set(stats.flaky)
+    failed: list[ScenarioResult] = []
+    seen: set[str] = set()
+    for r in sorted(results, key=lambda x: (x.scenario_id, x.trial)):
+        if not r.passed and r.scenario_id not in flaky and r.scenario_id not in seen:
+            seen.add(r.scenario_id)
+            failed.append(r)
     buckets: dict[tuple[str, str], _Bucket] = {}
     by_tag: dict[str, int] = {}
     for r in failed:
@@ -76,10 +88,13 @@ def diagnose(cluster: str, tag: str, results: Sequence[ScenarioResult], *, near_
         for b in buckets.values()
     ]
     patterns.sort(key=lambda p: (-p.lost_score, -p.count, p.pattern))
-    near = sum(1 for r in results if r.passed and r.score < r.pass_mark + near_miss_margin)
-    return Diagnosis(cluster=cluster, tag=tag, scenarios=len(results), failed=len(failed),
+    near = len({r.scenario_id for r in results
+                if r.passed and r.scenario_id not in flaky and r.score < r.pass_mark + near_miss_margin})
+    return Diagnosis(cluster=cluster, tag=tag, scenarios=len(stats.pass_rates), failed=len(failed),
                      near_misses=near, patterns=patterns,
-                     by_tag=dict(sorted(by_tag.items(), key=lambda kv: -kv[1])))
+                     by_tag=dict(sorted(by_tag.items(), key=lambda kv: -kv[1])),
+                     repeats=stats.repeats, consistent_failures=sorted(seen), flaky=stats.flaky,
+                     pass_rates={sid: stats.pass_rates[sid] for sid in stats.flaky})
 
 
 def near_miss_margin_of(runtime: ClusterRuntime) -> float:

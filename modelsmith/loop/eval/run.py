@@ -5,8 +5,12 @@ scenario to the engine at once (the engine batches), scores answers in a worker 
 batches, appends each result to ``evals/<tag>/results.jsonl`` as it arrives, and ends with
 ``summary.json`` (written atomically) and ``eval.finished`` in the ledger.
 
+With ``repeats`` K > 1 each scenario is sampled K times (trial t with seed ``seed + t``) and
+``results.jsonl`` has one line per scenario and trial; the summary folds the trials
+(:mod:`modelsmith.loop.eval.aggregate`) and reports pass rates, flaky scenarios and pass^K.
+
 A run interrupted by a crash can be resumed: results already on disk are kept (a torn last line
-is cut) and only the missing scenarios are sent again, so no scenario is counted twice.
+is cut) and only the missing (scenario, trial) pairs are sent again, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from modelsmith.gpu.model_identity import generation_defaults
 from modelsmith.hashing import sha256_file
 from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime
+from modelsmith.loop.eval.aggregate import answer_split, by_scenario, mean_of, trial_stats
+from modelsmith.loop.eval.stats import bootstrap_ci95
 from modelsmith.loop.jobs.registry import Job
 from modelsmith.loop.scoring.rubric import CriterionResult, RubricScore, score, score_with_judge
 from modelsmith.loop.scoring.scenarios import (
@@ -59,6 +65,7 @@ _encoder = msgspec.json.Encoder()
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
+TRIALS_FILE = "trials.json"  # the run's repeats and temperature, so a resume keeps them
 
 
 def check_tag(tag: str) -> str:
@@ -100,6 +107,27 @@ def read_results(path: Path, *, repair: bool = False) -> list[ScenarioResult]:
     return results
 
 
+class Trials(msgspec.Struct, kw_only=True):
+    repeats: int = 1
+    temperature: float | None = None
+
+
+def write_trials(directory: Path, plan: EvalPlan) -> None:
+    """Record the plan's trials once (a resumed run keeps the first run's)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / TRIALS_FILE
+    if not path.exists():
+        atomic_write_bytes(path, _encoder.encode(Trials(repeats=plan.repeats, temperature=plan.temperature)))
+
+
+def read_trials(directory: Path) -> Trials | None:
+    """The trials an earlier run of this eval recorded; None when it recorded none."""
+    try:
+        return msgspec.json.decode((directory / TRIALS_FILE).read_bytes(), type=Trials)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+
+
 def read_summary(runtime: ClusterRuntime, tag: str) -> EvalSummary:
     path = eval_dir(runtime, tag) / SUMMARY_FILE
     try:
@@ -115,7 +143,8 @@ def read_summary(runtime: ClusterRuntime, tag: str) -> EvalSummary:
 
 
 def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None, rs: RubricScore,
-              reasoning: str | None = None) -> ScenarioResult:
+              reasoning: str | None = None, trial: int = 0) -> ScenarioResult:
+    format_score, substance_score, classes = answer_split(s.rubric, rs)
     return ScenarioResult(
         scenario_id=s.id,
         set=s.set,
@@ -133,13 +162,16 @@ def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None
         criteria=[
             CriterionOutcome(
                 name=c.name, type=c.type, weight=c.weight, score=c.score, passed=c.passed,
-                detail=c.detail, error_kind=c.error_kind,
+                detail=c.detail, error_kind=c.error_kind, counts_as=counts_as,
             )
-            for c in rs.criteria
+            for c, counts_as in zip(rs.criteria, classes, strict=True)
         ],
         finish_reason=finish,
         completion_tokens=tokens,
         reasoning=reasoning,
+        trial=trial,
+        format_score=format_score,
+        substance_score=substance_score,
     )
 
 
@@ -226,10 +258,11 @@ def group_scores(results: Sequence[ScenarioResult], key: str) -> dict[str, Score
 def regressions_against(
     current: Sequence[ScenarioResult], baseline: Sequence[ScenarioResult] | None, baseline_tag: str | None
 ) -> RegressionReport:
+    """Scenarios that passed in ``baseline`` and fail in ``current`` (trials folded)."""
     if baseline is None:
         return RegressionReport(baseline_tag=None, compared=0, count=0, scenario_ids=[])
-    before = {r.scenario_id: r for r in baseline}
-    compared = [r for r in current if r.scenario_id in before]
+    before = {r.scenario_id: r for r in by_scenario(baseline)}
+    compared = [r for r in by_scenario(current) if r.scenario_id in before]
     regressed = sorted(r.scenario_id for r in compared if before[r.scenario_id].passed and not r.passed)
     return RegressionReport(baseline_tag=baseline_tag, compared=len(compared), count=len(regressed), scenario_ids=regressed)
 
@@ -247,6 +280,8 @@ class EvalPlan:
     adapter_path: Path | None
     adapter_hash: str | None
     workers: int
+    repeats: int = 1
+    temperature: float | None = None  # None: the cluster's eval sampling temperature
 
 
 def select_scenarios(
@@ -274,21 +309,30 @@ def summarize(
     results_sha256: str,
 ) -> EvalSummary:
     cfg = runtime.cluster.config
-    held = [r for r in results if r.set == "held-out"]
-    composite = round(weighted_mean(results), 6)
+    trials = trial_stats(results)
+    scenarios = by_scenario(results)
+    held = [r for r in scenarios if r.set == "held-out"]
+    composite = round(weighted_mean(scenarios), 6)
     held_out = round(weighted_mean(held), 6) if held else None
+    composite_ci95 = interval_of(runtime, scenarios)
+    held_out_ci95 = interval_of(runtime, held)
     regressions = regressions_against(results, baseline[1] if baseline else None, baseline[0] if baseline else None)
+    composite_gate = gated_value(cfg.policy.gate_on, composite, composite_ci95)
+    held_gate = gated_value(cfg.policy.gate_on, held_out, held_out_ci95)
     gates = {
-        "composite": GateResult(value=composite, threshold=cfg.thresholds.composite,
-                                passed=composite >= cfg.thresholds.composite),
-        "held_out": GateResult(value=held_out, threshold=cfg.thresholds.held_out,
-                               passed=held_out is not None and held_out >= cfg.thresholds.held_out),
+        "composite": GateResult(value=composite_gate, threshold=cfg.thresholds.composite,
+                                passed=composite_gate is not None and composite_gate >= cfg.thresholds.composite,
+                                basis=cfg.policy.gate_on),
+        "held_out": GateResult(value=held_gate, threshold=cfg.thresholds.held_out,
+                               passed=held_gate is not None and held_gate >= cfg.thresholds.held_out,
+                               basis=cfg.policy.gate_on),
         "regressions": GateResult(value=float(regressions.count), threshold=float(cfg.policy.max_regressions),
                                   passed=regressions.count <= cfg.policy.max_regressions),
     }
     if plan.type == "core":
         # A core-only run cannot judge the held-out gate; it is reported, not counted.
-        gates["held_out"] = GateResult(value=None, threshold=cfg.thresholds.held_out, passed=True)
+        gates["held_out"] = GateResult(value=None, threshold=cfg.thresholds.held_out, passed=True,
+                                       basis=cfg.policy.gate_on)
     return EvalSummary(
         cluster=runtime.cluster.name,
         tag=plan.tag,
@@ -302,13 +346,13 @@ def summarize(
         adapter_hash=plan.adapter_hash,
         scenario_sets=plan.scenario_sets,
         scenarios=len(plan.scenarios),
-        scored=len(results),
+        scored=len(scenarios),
         judge_errors=sum(r.judge_error for r in results),
         scoring_errors=scoring_errors(results),
         composite=composite,
         held_out=held_out,
-        by_set=group_scores(results, "set"),
-        by_tag=group_scores(results, "tags"),
+        by_set=group_scores(scenarios, "set"),
+        by_tag=group_scores(scenarios, "tags"),
         gates=gates,
         passed=all(g.passed for g in gates.values()),
         regressions=regressions,
@@ -316,7 +360,44 @@ def summarize(
         finished_at=utc_stamp(),
         duration_s=round(duration, 3),
         results_sha256=results_sha256,
+        composite_ci95=composite_ci95,
+        held_out_ci95=held_out_ci95,
+        by_tag_ci95=tag_intervals(runtime, scenarios),
+        format_score=mean_of(scenarios, "format_score"),
+        substance_score=mean_of(scenarios, "substance_score"),
+        repeats=max(plan.repeats, trials.repeats),
+        pass_at_k=trials.pass_at_k,
+        flaky=trials.flaky,
+        pass_rates=trials.pass_rates if max(plan.repeats, trials.repeats) > 1 else {},
     )
+
+
+def interval_of(runtime: ClusterRuntime, results: Sequence[ScenarioResult]) -> list[float] | None:
+    """The 95% bootstrap interval of the weighted mean score of ``results`` (one per scenario)."""
+    cfg = runtime.cluster.config.eval
+    return bootstrap_ci95([r.score for r in results], [r.weight for r in results],
+                          resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+
+
+def tag_intervals(runtime: ClusterRuntime, results: Sequence[ScenarioResult]) -> dict[str, list[float]]:
+    groups: dict[str, list[ScenarioResult]] = {}
+    for r in results:
+        for name in r.tags:
+            groups.setdefault(name, []).append(r)
+    out: dict[str, list[float]] = {}
+    for name, rs in sorted(groups.items()):
+        interval = interval_of(runtime, rs)
+        if interval is not None:
+            out[name] = interval
+    return out
+
+
+def gated_value(gate_on: str, point: float | None, ci95: list[float] | None) -> float | None:
+    """What a score gate compares with its threshold: the point, or (``[policy] gate_on =
+    "lower_bound"``) its interval's lower bound; None when that is missing."""
+    if gate_on == "lower_bound":
+        return ci95[0] if ci95 is not None else None
+    return point
 
 
 class ResultsWriter:
@@ -379,20 +460,85 @@ def read_answer(s: Scenario, completion: Completion, strip_reasoning: bool) -> A
     return (s, text, completion.finish_reason, completion.token_count, reasoning)
 
 
-def score_batch(items: Sequence[Answer | tuple[Scenario, str, str | None, int | None]]
+def score_batch(items: Sequence[Answer | tuple[Scenario, str, str | None, int | None]], trial: int = 0
                 ) -> list[ScenarioResult]:
-    """Score a batch of answers (runs in a worker thread); each answer's scoring is bounded in
-    time and its failure is its own. An item may leave out the reasoning (None)."""
+    """Score a batch of answers of one trial (runs in a worker thread); each answer's scoring is
+    bounded in time and its failure is its own. An item may leave out the reasoning (None)."""
     out: list[ScenarioResult] = []
     for item in items:
         s, text, finish, tokens = item[0], item[1], item[2], item[3]
         reasoning = item[4] if len(item) > 4 else None
-        out.append(to_result(s, text, finish, tokens, score_one(s, text), reasoning))
+        out.append(to_result(s, text, finish, tokens, score_one(s, text), reasoning, trial))
     return out
+
+
+def trial_sampling(sampling: Any, plan: EvalPlan, trial: int) -> Any:
+    """Trial ``trial``'s sampling: the plan's temperature, and a seed of its own (seed + trial)
+    so repeated trials at temperature > 0 are distinct draws yet repeatable."""
+    if not isinstance(sampling, Sampling):
+        return sampling
+    changes: dict[str, Any] = {}
+    if plan.temperature is not None:
+        changes["temperature"] = plan.temperature
+    if trial and sampling.seed is not None:
+        changes["seed"] = sampling.seed + trial
+    return msgspec.structs.replace(sampling, **changes) if changes else sampling
 
 
 def has_judge(s: Scenario) -> bool:
     return any(getattr(c, "type", None) == "llm_judge" for c in s.rubric.criteria)
+
+
+def pending_trials(scenarios: Sequence[Scenario], done: Sequence[ScenarioResult], repeats: int
+                   ) -> list[list[Scenario]]:
+    """For each trial 0..repeats-1, the scenarios it still has to answer: a resumed run sends
+    only the (scenario, trial) pairs with no result on disk."""
+    done_keys = {(r.scenario_id, r.trial) for r in done}
+    return [[s for s in scenarios if (s.id, trial) not in done_keys] for trial in range(repeats)]
+
+
+async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: Any,
+                     todo: Sequence[Scenario], trial: int, writer: ResultsWriter,
+                     results: list[ScenarioResult], total: int, adapter_name: str | None) -> None:
+    """Generate, score and write one trial of ``todo``: plain scenarios batched, judged ones
+    one by one (their judge calls share the engine)."""
+    plain = [s for s in todo if not has_judge(s)]
+    judged = [s for s in todo if has_judge(s)]
+    strip = runtime.cluster.config.scoring.strip_reasoning
+    pending: list[Answer] = []
+
+    async def flush() -> None:
+        batch = list(pending)
+        pending.clear()
+        scored = await anyio.to_thread.run_sync(score_batch, batch, trial)
+        await anyio.to_thread.run_sync(writer.write, scored)
+        results.extend(scored)
+        job.set_progress(len(results), total)
+
+    prompts = [prompt_messages(s) for s in plain]
+    async for index, completion in engine.generate_many(prompts, sampling, adapter=adapter_name):
+        pending.append(read_answer(plain[index], completion, strip))
+        if len(pending) >= SCORE_BATCH:
+            await flush()
+    if pending:
+        await flush()
+    for s in judged:
+        completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
+        _, answer, finish, tokens, reasoning = read_answer(s, completion, strip)
+
+        async def judge_fn(text: str) -> str:
+            verdict = await engine.generate(text, sampling)
+            return str(verdict.text)
+
+        try:
+            rs = await score_with_judge(s.rubric, answer, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
+        except Exception as exc:
+            log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
+            rs = scoring_failure(s, exc)
+        scored = [to_result(s, answer, finish, tokens, rs, reasoning, trial)]
+        await anyio.to_thread.run_sync(writer.write, scored)
+        results.extend(scored)
+        job.set_progress(len(results), total)
 
 
 async def execute_eval(
@@ -409,60 +555,33 @@ async def execute_eval(
     directory = eval_dir(runtime, plan.tag)
     results_path = directory / RESULTS_FILE
     done = await anyio.to_thread.run_sync(lambda: read_results(results_path, repair=True))
-    done_ids = {r.scenario_id for r in done}
     if done:
         job.emit("log", {"message": f"resuming: {len(done)} results already on disk"})
-    todo = [s for s in plan.scenarios if s.id not in done_ids]
+    repeats = max(1, plan.repeats)
+    todo = pending_trials(plan.scenarios, done, repeats)
+    await anyio.to_thread.run_sync(write_trials, directory, plan)
+    temperature = plan.temperature if plan.temperature is not None else getattr(sampling, "temperature", None)
+    if repeats > 1 and temperature == 0:
+        job.emit("log", {"message": f"{repeats} trials at temperature 0 sample the same answers; "
+                                    "give a temperature for distinct draws"})
     started = time.monotonic()
     started_at = utc_stamp()
-    total = len(plan.scenarios)
-    job.set_progress(len(done), total, f"evaluating {total} scenarios")
+    total = len(plan.scenarios) * repeats
+    job.set_progress(len(done), total, f"evaluating {len(plan.scenarios)} scenarios"
+                     + (f" x {repeats} trials" if repeats > 1 else ""))
     writer = await anyio.to_thread.run_sync(ResultsWriter, results_path)
     results: list[ScenarioResult] = list(done)
     try:
-        plain = [s for s in todo if not has_judge(s)]
-        judged = [s for s in todo if has_judge(s)]
-        strip = runtime.cluster.config.scoring.strip_reasoning
-        pending: list[Answer] = []
-
-        async def flush() -> None:
-            batch = list(pending)
-            pending.clear()
-            scored = await anyio.to_thread.run_sync(score_batch, batch)
-            await anyio.to_thread.run_sync(writer.write, scored)
-            results.extend(scored)
-            job.set_progress(len(results), total)
-
-        prompts = [prompt_messages(s) for s in plain]
-        async for index, completion in engine.generate_many(prompts, sampling, adapter=adapter_name):
-            pending.append(read_answer(plain[index], completion, strip))
-            if len(pending) >= SCORE_BATCH:
-                await flush()
-        if pending:
-            await flush()
-        for s in judged:
-            completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
-            _, answer, finish, tokens, reasoning = read_answer(s, completion, strip)
-
-            async def judge_fn(text: str) -> str:
-                verdict = await engine.generate(text, sampling)
-                return str(verdict.text)
-
-            try:
-                rs = await score_with_judge(s.rubric, answer, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
-            except Exception as exc:
-                log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
-                rs = scoring_failure(s, exc)
-            scored = [to_result(s, answer, finish, tokens, rs, reasoning)]
-            await anyio.to_thread.run_sync(writer.write, scored)
-            results.extend(scored)
-            job.set_progress(len(results), total)
+        for trial, scenarios in enumerate(todo):
+            if scenarios:
+                await _run_trial(runtime, job, engine, trial_sampling(sampling, plan, trial), scenarios,
+                                 trial, writer, results, total, adapter_name)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(writer.close)
-    if len({r.scenario_id for r in results}) != len(results):
+    if len({(r.scenario_id, r.trial) for r in results}) != len(results):
         raise ConflictError("an eval counted a scenario twice", data={"tag": plan.tag})
-    ordered = sorted(results, key=lambda r: r.scenario_id)
+    ordered = sorted(results, key=lambda r: (r.scenario_id, r.trial))
     digest = await anyio.to_thread.run_sync(sha256_file, results_path)
     summary = summarize(runtime, plan, job.job_id, ordered, baseline, started_at, time.monotonic() - started, digest)
     errors = scoring_errors(ordered)

@@ -12,6 +12,7 @@ from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
+from modelsmith.loop.eval.aggregate import by_scenario
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     EvalPlan,
@@ -21,8 +22,10 @@ from modelsmith.loop.eval.run import (
     execute_eval,
     read_results,
     read_summary,
+    read_trials,
     select_scenarios,
 )
+from modelsmith.loop.eval.stats import paired_test
 from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.loop.records.events import EvalFailed, EvalFinished, failure_of
 from modelsmith.loop.records.events import EvalStarted as EvalStartedEvent
@@ -40,7 +43,9 @@ from modelsmith.rpc.schema.evals import (
     EvalRunParams,
     EvalStarted,
     EvalSummary,
+    PairedTest,
     ScenarioDelta,
+    ScenarioResult,
     ScenarioSetInfo,
     ScenarioSets,
     ScenarioSetsParams,
@@ -116,11 +121,16 @@ class EvalService:
                                     data={"field": "tag", "tag": tag})
         else:
             tag = self.default_tag(runtime, params.type, params.quick)
+        repeats, temperature = params.repeats, params.temperature
+        recorded = read_trials(runtime.cluster.evals_dir() / tag) if resume else None
+        if recorded is not None:  # a resumed run samples as its first run did
+            repeats, temperature = recorded.repeats, recorded.temperature
         self._planned.add((runtime.cluster.name, tag))
         return EvalPlan(
             tag=tag, type=params.type, quick=params.quick, scenarios=tuple(scenarios),
             scenario_sets=catalog.versions(), adapter=adapter, adapter_path=adapter_path,
             adapter_hash=adapter_hash, workers=params.workers or 0,
+            repeats=repeats, temperature=temperature,
         )
 
     def baseline(self, runtime: ClusterRuntime) -> tuple[str, list[Any]] | None:
@@ -276,9 +286,11 @@ class EvalService:
 
 
 def compare_evals(runtime: ClusterRuntime, a: str, b: str) -> EvalComparison:
+    """Eval ``b`` against eval ``a``, scenario by scenario (trials folded), with the exact paired
+    tests of :mod:`modelsmith.loop.eval.stats` and the format and substance deltas."""
     sa, sb = read_summary(runtime, a), read_summary(runtime, b)
-    ra = {r.scenario_id: r for r in read_results(eval_dir(runtime, a) / RESULTS_FILE)}
-    rb = {r.scenario_id: r for r in read_results(eval_dir(runtime, b) / RESULTS_FILE)}
+    ra = {r.scenario_id: r for r in by_scenario(read_results(eval_dir(runtime, a) / RESULTS_FILE))}
+    rb = {r.scenario_id: r for r in by_scenario(read_results(eval_dir(runtime, b) / RESULTS_FILE))}
     deltas: list[ScenarioDelta] = []
     for sid in sorted(set(ra) & set(rb)):
         x, y = ra[sid], rb[sid]
@@ -300,4 +312,26 @@ def compare_evals(runtime: ClusterRuntime, a: str, b: str) -> EvalComparison:
         unchanged=sum(d.status.startswith("unchanged") for d in deltas),
         only_in_a=sorted(set(ra) - set(rb)), only_in_b=sorted(set(rb) - set(ra)),
         scenarios=deltas,
+        paired=paired_between(runtime, ra, rb),
+        composite_ci95_a=sa.composite_ci95, composite_ci95_b=sb.composite_ci95,
+        format_a=sa.format_score, format_b=sb.format_score,
+        format_delta=_delta(sa.format_score, sb.format_score),
+        substance_a=sa.substance_score, substance_b=sb.substance_score,
+        substance_delta=_delta(sa.substance_score, sb.substance_score),
     )
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return round(b - a, 6) if a is not None and b is not None else None
+
+
+def paired_between(runtime: ClusterRuntime, a: dict[str, ScenarioResult], b: dict[str, ScenarioResult]
+                   ) -> PairedTest | None:
+    """The paired test of ``b`` against ``a`` (one folded result per scenario id) on the scenarios
+    both ran, weighted by ``b``'s weights; None when they share none."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    cfg = runtime.cluster.config.eval
+    pairs = [(a[sid].score, a[sid].passed, b[sid].score, b[sid].passed, b[sid].weight) for sid in common]
+    return paired_test(pairs, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)

@@ -11,10 +11,14 @@ outcome, so an agent learns everything it has to fix from one call. Rules (stabl
 ``eval_of_candidate``   the eval was of the candidate adapter ...
 ``adapter_hash``        ... whose files still hash to what was evaluated
 ``scenario_sets``       the eval used the current governed scenario-set versions
-``composite``           composite >= ``thresholds.composite``
-``held_out``            held-out score >= ``thresholds.held_out``
+``composite``           composite >= ``thresholds.composite`` (with ``[policy] gate_on =
+                        "lower_bound"``: the lower bound of its 95% interval)
+``held_out``            held-out score >= ``thresholds.held_out`` (likewise)
 ``regressions``         scenarios passing under the champion (or, before the first promotion, in
                         the newest eval of the base model) and failing now <= ``max_regressions``
+``paired_regression``   the candidate is not significantly worse than that baseline, paired by
+                        scenario, at ``[policy] regression_alpha`` (exact McNemar on pass/fail,
+                        exact sign test on scores; passes when the alpha is 0)
 ``training_manifest``   the candidate's training manifest exists and matches the ledger
 ``leakage``             the manifest's own leakage check passed, and none of its training
                         scenarios (by id, content hash or prompt hash) is in today's held-out set
@@ -32,18 +36,21 @@ from modelsmith.errors import ModelsmithError
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.cluster.state import LoopState
+from modelsmith.loop.eval.aggregate import by_scenario
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     SUMMARY_FILE,
     eval_dir,
+    gated_value,
     read_results,
     read_summary,
     regressions_against,
 )
+from modelsmith.loop.eval.stats import paired_test, significantly_worse
 from modelsmith.loop.records.events import EvalFinished, IterationAdvanced
 from modelsmith.loop.records.ledger import Ledger
 from modelsmith.loop.scoring.scenarios import prompt_hash, scenario_hash
-from modelsmith.rpc.schema.evals import EvalSummary
+from modelsmith.rpc.schema.evals import EvalSummary, PairedTest, ScenarioResult
 from modelsmith.rpc.schema.promotion import PolicyCheck, PolicyReport
 
 __all__ = [
@@ -162,10 +169,13 @@ def check_policy(runtime: ClusterRuntime, eval_tag: str | None = None) -> GateEv
     _check_training(runtime, ledger, candidate, checks, evidence)
 
     passed = all(item.passed for item in checks.items)
+    paired = evidence.extra.get("paired")
     evidence.report = PolicyReport(
         cluster=runtime.cluster.name, iteration=runtime.iteration, adapter=candidate,
         eval_tag=tag, composite=summary.composite if summary else None,
-        held_out=summary.held_out if summary else None, passed=passed, checks=checks.items)
+        held_out=summary.held_out if summary else None, passed=passed, checks=checks.items,
+        paired=paired if isinstance(paired, PairedTest) else None,
+        paired_baseline_tag=evidence.extra.get("paired_baseline_tag"))
     return evidence
 
 
@@ -224,33 +234,51 @@ def _check_adapter(runtime: ClusterRuntime, candidate: str | None, summary: Eval
                f"{(summary.adapter_hash or 'none')[:12]}; re-run the eval")
 
 
+def _score_detail(name: str, point: float | None, ci95: list[float] | None, gate_on: str,
+                  threshold: float) -> str:
+    if point is None:
+        return f"the eval has no {name} score"
+    interval = f" [{ci95[0]:.3f}, {ci95[1]:.3f}]" if ci95 is not None else ""
+    if gate_on == "lower_bound":
+        if ci95 is None:
+            return (f"{name} {point:.3f} has no interval (an older eval) and [policy] gate_on is "
+                    "lower_bound; re-run the eval")
+        return f"{name} lower bound {ci95[0]:.3f} (of {point:.3f}{interval}) vs threshold {threshold:.3f}"
+    return f"{name} {point:.3f}{interval} vs threshold {threshold:.3f}"
+
+
 def _check_scores(runtime: ClusterRuntime, summary: EvalSummary | None, checks: _Checks,
                   evidence: GateEvidence) -> None:
     thresholds = runtime.cluster.config.thresholds
     policy = runtime.cluster.config.policy
     if summary is None:
-        checks.add("composite", False, "no eval")
-        checks.add("held_out", False, "no eval")
-        checks.add("regressions", False, "no eval")
+        for name in ("composite", "held_out", "regressions", "paired_regression"):
+            checks.add(name, False, "no eval")
         return
-    checks.add("composite", summary.composite >= thresholds.composite,
-               f"composite {summary.composite:.3f} vs threshold {thresholds.composite:.3f}")
-    held = summary.held_out
+    composite = gated_value(policy.gate_on, summary.composite, summary.composite_ci95)
+    checks.add("composite", composite is not None and composite >= thresholds.composite,
+               _score_detail("composite", summary.composite, summary.composite_ci95, policy.gate_on,
+                             thresholds.composite))
+    held = gated_value(policy.gate_on, summary.held_out, summary.held_out_ci95)
     checks.add("held_out", held is not None and held >= thresholds.held_out,
-               f"held-out {held:.3f} vs threshold {thresholds.held_out:.3f}" if held is not None
-               else "the eval has no held-out score")
+               _score_detail("held-out", summary.held_out, summary.held_out_ci95, policy.gate_on,
+                             thresholds.held_out))
     # Without a champion the base model is what the candidate would replace.
     baseline_tag = evidence.champion_eval_tag or _base_eval_tag(runtime.require_ledger())
+    current = read_results(eval_dir(runtime, summary.tag) / RESULTS_FILE)
+    baseline: list[ScenarioResult] | None = None
     if baseline_tag is not None and baseline_tag != summary.tag:
-        champion_results = read_results(eval_dir(runtime, baseline_tag) / RESULTS_FILE)
-        if not champion_results:
-            checks.add("regressions", False,
-                       f"the champion's eval {baseline_tag} has no results to compare with")
+        baseline = read_results(eval_dir(runtime, baseline_tag) / RESULTS_FILE)
+        if not baseline:
+            message = f"the champion's eval {baseline_tag} has no results to compare with"
+            checks.add("regressions", False, message)
+            checks.add("paired_regression", False, message)
             return
-        current = read_results(eval_dir(runtime, summary.tag) / RESULTS_FILE)
-        report = regressions_against(current, champion_results, baseline_tag)
+        report = regressions_against(current, baseline, baseline_tag)
     else:
         report = summary.regressions
+        if report.baseline_tag is not None and report.baseline_tag != summary.tag:
+            baseline = read_results(eval_dir(runtime, report.baseline_tag) / RESULTS_FILE) or None
     against = f"vs {report.baseline_tag}" if report.baseline_tag else "no baseline"
     ids = f": {', '.join(report.scenario_ids[:10])}" if report.scenario_ids else ""
     evidence.extra["regressions"] = {"baseline_tag": report.baseline_tag, "count": report.count,
@@ -259,6 +287,35 @@ def _check_scores(runtime: ClusterRuntime, summary: EvalSummary | None, checks: 
     checks.add("regressions", report.count <= policy.max_regressions,
                f"{report.count} of {report.compared} regressed {against} "
                f"(max {policy.max_regressions}){ids}")
+    _check_paired(runtime, current, baseline, report.baseline_tag, checks, evidence)
+
+
+def _check_paired(runtime: ClusterRuntime, current: list[ScenarioResult],
+                  baseline: list[ScenarioResult] | None, baseline_tag: str | None, checks: _Checks,
+                  evidence: GateEvidence) -> None:
+    alpha = runtime.cluster.config.policy.regression_alpha
+    before = {r.scenario_id: r for r in by_scenario(baseline or [])}
+    now = {r.scenario_id: r for r in by_scenario(current)}
+    common = sorted(set(before) & set(now))
+    if not common:
+        checks.add("paired_regression", True, "no baseline eval on the same scenarios to pair with")
+        return
+    cfg = runtime.cluster.config.eval
+    test = paired_test([(before[s].score, before[s].passed, now[s].score, now[s].passed, now[s].weight)
+                        for s in common], resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed)
+    evidence.extra["paired"] = test
+    evidence.extra["paired_baseline_tag"] = baseline_tag
+    facts = (f"vs {baseline_tag} on {test.n}: {test.fixed} fixed, {test.regressed} regressed "
+             f"(McNemar p={test.mcnemar_p:.3g}); scores up {test.improved}, down {test.worsened} "
+             f"(sign p={test.sign_p:.3g}); mean delta {test.mean_delta:+.3f} "
+             f"[{test.delta_ci95[0]:+.3f}, {test.delta_ci95[1]:+.3f}]")
+    if alpha <= 0:
+        checks.add("paired_regression", True, f"{facts}; off ([policy] regression_alpha = 0)")
+        return
+    worse = significantly_worse(test, alpha)
+    checks.add("paired_regression", not worse,
+               f"{facts}: {'significantly worse' if worse else 'not significantly worse'} "
+               f"at alpha {alpha:g}")
 
 
 def _check_training(runtime: ClusterRuntime, ledger: Ledger, candidate: str | None,

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_JUDGE_TEMPLATE",
     "ChoiceCriterion",
     "ContainsCriterion",
+    "CountsAs",
     "Criterion",
     "ExactCriterion",
     "InvalidField",
@@ -45,6 +46,7 @@ __all__ = [
     "RegexCriterion",
     "Rubric",
     "compiled_pattern",
+    "counts_as_of",
     "json_path_segments",
     "normalize_label",
     "normalize_text",
@@ -172,6 +174,8 @@ class _CriterionBase(
 
     weight: Weight = 1.0
     name: str | None = None
+    #: what the criterion's credit counts towards; None: its kind's default (see counts_as_of)
+    counts_as: Literal["format", "substance"] | None = None
 
     #: the criterion's ``type`` tag, readable without msgspec introspection
     kind: ClassVar[str] = ""
@@ -496,6 +500,28 @@ CRITERION_TYPES: Final = (
     "length",
     "llm_judge",
 )
+
+
+CountsAs = Literal["format", "substance", "both"]
+"""What a criterion's credit measures: the answer's form, its content, or (a ``choice``) both:
+a valid label is form, the right label is content."""
+
+_FORMAT_KINDS: Final = frozenset({"regex", "length"})
+
+
+def counts_as_of(criterion: Criterion) -> CountsAs:
+    """The criterion's own ``counts_as``, else its kind's: ``json`` valid/schema, ``length`` and
+    ``regex`` (a shape) are format; ``choice`` is both; ``json`` field_equals, ``exact``,
+    ``contains``, ``not_contains``, ``numeric`` and ``llm_judge`` are substance."""
+    if criterion.counts_as is not None:
+        return criterion.counts_as
+    if criterion.kind in _FORMAT_KINDS:
+        return "format"
+    if isinstance(criterion, JsonCriterion):
+        return "substance" if criterion.mode == "field_equals" else "format"
+    if isinstance(criterion, ChoiceCriterion):
+        return "both"
+    return "substance"
 
 
 class Rubric(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -21,6 +21,10 @@ class EvalRunParams(MutatingParams):
     workers: int | None = None
     domain: str | None = None
     adapter: str | None = None  # "base", "champion", "candidate" or "iter-N"; default: newest
+    # Trials per scenario (each sampled anew, seed + trial); pass rates, flaky ids and pass^K
+    # in the summary. ``temperature`` overrides the cluster's eval sampling temperature.
+    repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=10)] | None = None
 
 
 class EvalStarted(msgspec.Struct, kw_only=True):
@@ -36,9 +40,10 @@ class EvalRef(QueryParams):
 
 
 class GateResult(msgspec.Struct, kw_only=True):
-    value: float | None
+    value: float | None  # what was compared with the threshold (see basis)
     threshold: float
     passed: bool
+    basis: Literal["point", "lower_bound"] = "point"  # [policy] gate_on: the score or its CI's low
 
 
 class RegressionReport(msgspec.Struct, kw_only=True):
@@ -83,6 +88,22 @@ class EvalSummary(msgspec.Struct, kw_only=True):
     duration_s: float
     results_sha256: str
     scoring_errors: dict[str, int] = {}  # scenarios whose scoring timed out or raised, by kind
+    # 95% percentile-bootstrap intervals [low, high] over scenarios with their weights
+    # (modelsmith.loop.eval.stats); None in summaries written before they existed.
+    composite_ci95: list[float] | None = None
+    held_out_ci95: list[float] | None = None
+    by_tag_ci95: dict[str, list[float]] = {}
+    # The weighted mean of the format criteria (json valid/schema, length, regex, a choice's
+    # label validity) and of the substance ones (everything else), over the scenarios that
+    # have any; None when none has.
+    format_score: float | None = None
+    substance_score: float | None = None
+    # Repeated trials: each scenario's score is the mean of its trials, and it counts as passed
+    # when at least half of them passed. pass_at_k: share of scenarios that passed all K.
+    repeats: int = 1
+    pass_at_k: float | None = None
+    flaky: list[str] = []  # passed some trials and failed others
+    pass_rates: dict[str, float] = {}  # per scenario, only when repeats > 1
 
 
 class CriterionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -93,6 +114,7 @@ class CriterionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     passed: bool
     detail: str
     error_kind: str | None = None
+    counts_as: Literal["format", "substance", "both"] | None = None  # both: a choice's label
 
 
 class ScenarioResult(msgspec.Struct, kw_only=True):
@@ -117,6 +139,10 @@ class ScenarioResult(msgspec.Struct, kw_only=True):
     # The reasoning removed before scoring ([scoring] strip_reasoning); ``response`` is the
     # answer that was scored. None when nothing was removed (and in older results).
     reasoning: str | None = None
+    trial: int = 0  # 0..repeats-1: one line per scenario and trial
+    # This answer's weighted mean over its format / substance criteria (None: it has none).
+    format_score: float | None = None
+    substance_score: float | None = None
 
 
 class EvalResultsParams(QueryParams):
@@ -150,6 +176,20 @@ class ScenarioDelta(msgspec.Struct, kw_only=True):
     delta: float
 
 
+class PairedTest(msgspec.Struct, kw_only=True):
+    """Eval b against eval a on the ``n`` scenarios both ran (modelsmith.loop.eval.stats)."""
+
+    n: int
+    fixed: int  # failed in a, passed in b
+    regressed: int  # passed in a, failed in b
+    mcnemar_p: float  # exact two-sided binomial test on the discordant pairs
+    sign_p: float  # exact two-sided sign test on the score deltas, ties dropped
+    mean_delta: float  # weighted mean of score b - score a
+    delta_ci95: list[float]  # its 95% bootstrap interval
+    improved: int = 0  # scenarios whose score rose (the sign test's counts)
+    worsened: int = 0  # scenarios whose score fell
+
+
 class EvalComparison(msgspec.Struct, kw_only=True):
     cluster: str
     a: str
@@ -165,6 +205,15 @@ class EvalComparison(msgspec.Struct, kw_only=True):
     only_in_a: list[str]
     only_in_b: list[str]
     scenarios: list[ScenarioDelta]
+    paired: PairedTest | None = None
+    composite_ci95_a: list[float] | None = None
+    composite_ci95_b: list[float] | None = None
+    format_a: float | None = None
+    format_b: float | None = None
+    format_delta: float | None = None  # None when either eval has no format score
+    substance_a: float | None = None
+    substance_b: float | None = None
+    substance_delta: float | None = None
 
 
 class EvalListParams(QueryParams):

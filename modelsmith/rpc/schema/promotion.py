@@ -7,6 +7,7 @@ from typing import Any, Literal
 import msgspec
 
 from modelsmith.rpc.dispatch import MutatingParams, QueryParams
+from modelsmith.rpc.schema.evals import PairedTest
 
 RequestStatus = Literal["pending", "approved", "rejected"]
 
@@ -37,6 +38,9 @@ class PolicyReport(msgspec.Struct, kw_only=True):
     held_out: float | None
     passed: bool
     checks: list[PolicyCheck]
+    # Candidate vs the champion's eval (or the base model's), paired by scenario; None: no baseline.
+    paired: PairedTest | None = None
+    paired_baseline_tag: str | None = None
 
 
 class PromoteRequestParams(MutatingParams):

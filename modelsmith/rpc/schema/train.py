@@ -97,3 +97,9 @@ class Diagnosis(msgspec.Struct, kw_only=True):
     near_misses: int
     patterns: list[FailurePattern]
     by_tag: dict[str, int]
+    # Repeated trials (eval --repeats): ``failed`` and the patterns count the scenarios that
+    # failed every trial; those that passed some and failed others are listed apart as flaky.
+    repeats: int = 1
+    consistent_failures: list[str] = []
+    flaky: list[str] = []
+    pass_rates: dict[str, float] = {}  # of the flaky scenarios
