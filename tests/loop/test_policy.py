@@ -13,7 +13,7 @@ from modelsmith.loop.records.events import PromotionApproved
 from modelsmith.rpc.schema.promotion import PolicyReport
 
 ALL_CHECKS = {"cluster_state", "candidate", "eval_found", "eval_full", "eval_of_candidate",
-              "adapter_hash", "scenario_sets", "composite", "held_out", "regressions",
+              "adapter_hash", "scenario_sets", "composite", "held_out", "regressions", "paired_regression",
               "training_manifest", "leakage"}
 
 

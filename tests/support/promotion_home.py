@@ -23,6 +23,7 @@ from modelsmith.gpu.engines import EnginePool
 from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.run import group_scores, weighted_mean
+from modelsmith.loop.eval.stats import bootstrap_ci95
 from modelsmith.loop.records.events import EvalFinished, IterationAdvanced, ScenariosChanged
 from modelsmith.loop.records.ledger import Ledger
 from modelsmith.loop.records.ssh_sign import NAMESPACE, sign_with_ssh_keygen
@@ -198,7 +199,9 @@ class PromotionHome:
             passed=composite >= 0.8,
             regressions=RegressionReport(baseline_tag=None, compared=0, count=0, scenario_ids=[]),
             started_at="2026-11-26T10:00:00Z", finished_at="2026-11-26T10:01:00Z",
-            duration_s=60.0, results_sha256=hashlib.sha256(results_bytes).hexdigest())
+            duration_s=60.0, results_sha256=hashlib.sha256(results_bytes).hexdigest(),
+            composite_ci95=bootstrap_ci95([r.score for r in results], [r.weight for r in results]),
+            held_out_ci95=bootstrap_ci95([r.score for r in held], [r.weight for r in held]))
         summary_bytes = msgspec.json.format(msgspec.json.encode(summary), indent=2)
         (directory / "summary.json").write_bytes(summary_bytes)
         self.ledger.append(EvalFinished(
