@@ -11,14 +11,25 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import msgspec
 
 from modelsmith.daemon.app import engine_spec_for
 from modelsmith.gpu.adapters import save_adapter_atomically
+from modelsmith.gpu.engine import (
+    Completion,
+    EngineInfo,
+    EngineLifecycle,
+    EngineState,
+    PromptInput,
+    Sampling,
+)
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
@@ -101,13 +112,52 @@ def allow_signers(home: Path, *lines: str) -> None:
 
 
 class RecordingEngine:
-    """The engine at the hardware boundary: remembers which adapters it was told to load."""
+    """The engine at the hardware boundary (the whole Engine Protocol), warm from the start:
+    remembers which adapters it was told to load; answers every prompt with "4"."""
+
+    kind = "vllm"
 
     def __init__(self) -> None:
+        self.lifecycle = EngineLifecycle("recording")
+        self.lifecycle.set(EngineState.WARM)
         self.loaded: list[tuple[str, Path]] = []
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(name="recording", model="tiny-llama", kind=self.kind,
+                          state=self.lifecycle.state, adapters=[n for n, _ in self.loaded])
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 (the contract names it)
+        await self.lifecycle.wait_ready(timeout)
+
+    async def generate(self, prompt: PromptInput, sampling: Sampling, *,
+                       adapter: str | None = None) -> Completion:
+        self.lifecycle.require(EngineState.WARM)
+        return Completion(text="4", token_count=1, finish_reason="stop")
+
+    async def generate_many(self, prompts: Sequence[PromptInput], sampling: Sampling, *,
+                            adapter: str | None = None) -> AsyncIterator[tuple[int, Completion]]:
+        for index, prompt in enumerate(prompts):
+            yield index, await self.generate(prompt, sampling, adapter=adapter)
 
     async def load_adapter(self, name: str, path: Path) -> None:
         self.loaded.append((name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        self.loaded = [(n, p) for n, p in self.loaded if n != name]
+
+    async def sleep(self, level: int = 1) -> None:
+        self.lifecycle.set(EngineState.SLEEPING)
+
+    async def wake_up(self) -> None:
+        self.lifecycle.set(EngineState.WARM)
+
+    async def health(self) -> bool:
+        return True
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        await anyio.sleep_forever()
 
 
 def engine_pool_for(cluster: Cluster) -> tuple[EnginePool, RecordingEngine]:
