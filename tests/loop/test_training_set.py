@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 
@@ -96,3 +97,13 @@ def test_a_held_out_prompt_copied_into_core_under_a_new_id_is_refused(tmp_path: 
         manifest(picked, catalog)
     assert caught.value.code == 1010
     assert caught.value.data["violations"] == ["core-copied"]
+
+
+def test_an_eval_with_repeated_trials_picks_each_failing_scenario_once(tmp_path: Path) -> None:
+    catalog = load_catalog(write_example(tmp_path))
+    once = answer_all(catalog, "none of these")  # every scenario fails, in each of 3 trials
+    trials = [msgspec.structs.replace(r, trial=t) for t in range(3) for r in once]
+
+    picked = select_training_scenarios(catalog, trials, near_miss_margin=0.0)
+
+    assert [s.id for s in picked] == sorted(s.id for s in catalog.all() if s.set == "core")

@@ -16,6 +16,7 @@ import msgspec
 
 from modelsmith.errors import LeakageError, ValidationError
 from modelsmith.gpu.model_identity import base_model_identity
+from modelsmith.loop.eval.aggregate import by_scenario
 from modelsmith.loop.scoring.scenarios import Scenario, ScenarioCatalog, prompt_hash, scenario_hash
 from modelsmith.rpc.schema.evals import ScenarioResult
 
@@ -75,9 +76,13 @@ def leakage_check(refs: Sequence[ScenarioRef], held_out: Sequence[Scenario]) -> 
 def select_training_scenarios(
     catalog: ScenarioCatalog, results: Sequence[ScenarioResult], *, near_miss_margin: float
 ) -> list[Scenario]:
-    """Core scenarios that failed (or passed by less than the margin) in ``results``."""
+    """Core scenarios that failed (or passed by less than the margin) in ``results``.
+
+    An eval with repeated trials is judged per scenario, its trials folded as the summary folds
+    them (mean score, passed by a majority): each scenario is picked at most once.
+    """
     picked: list[Scenario] = []
-    for r in results:
+    for r in by_scenario(results):
         if r.set != "core":
             continue
         if r.passed and r.score >= r.pass_mark + near_miss_margin:
