@@ -93,12 +93,21 @@ class Completion(msgspec.Struct, frozen=True):
 
     ``reasoning`` is the reasoning text a server returned apart from the answer (vLLM's
     ``reasoning_content`` under a reasoning parser); None when it sent none.
+
+    The measurements are None where an engine does not report them: ``latency_s`` is the time
+    from sending the request to the whole answer (retries included, waiting for a concurrency
+    slot not), ``ttft_s`` the time to the first token (only when the engine streams), and
+    ``prompt_tokens`` / ``completion_tokens`` the server's own count (its ``usage``).
     """
 
     text: str
     token_count: int
     finish_reason: str
     reasoning: str | None = None
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class TokenCompletion(msgspec.Struct, frozen=True, kw_only=True):

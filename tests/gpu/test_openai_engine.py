@@ -19,9 +19,11 @@ import httpx
 import pytest
 
 from modelsmith.daemon.app import engine_spec_for
+from modelsmith.daemon.config import load_daemon_config
 from modelsmith.errors import EngineError, NotFound
 from modelsmith.gpu.engine import Engine, EngineState, Sampling
 from modelsmith.gpu.engines import EngineSpec, default_engine_factory
+from modelsmith.gpu.named_engines import NamedEngines
 from modelsmith.gpu.openai_engine import OpenAIEngine
 from modelsmith.gpu.vllm_engine import VllmEngine, cpu_engine_env
 from modelsmith.loop.cluster.config import load_cluster
@@ -102,7 +104,7 @@ def vllm_server(
 @pytest.fixture
 async def http_engine(vllm_server: ServerProcess) -> AsyncIterator[OpenAIEngine]:
     engine = OpenAIEngine(
-        "remote", vllm_server.url, SERVED_NAME, health_interval=0.2, connect_retries=1
+        "remote", vllm_server.url, SERVED_NAME, health_interval=0.2, max_retries=1
     )
     stop = anyio.Event()
 
@@ -139,7 +141,8 @@ async def test_generates_text_and_chat_prompts_through_the_server(
         GREEDY,
     )
     assert chat.text
-    assert await http_engine.generate("What is the click-through rate?", GREEDY) == text
+    again = await http_engine.generate("What is the click-through rate?", GREEDY)
+    assert (again.text, again.token_count) == (text.text, text.token_count)  # greedy: the same
 
     prompts = [f"Campaign {n}: what is the CPM?" for n in range(6)]
     seen = [index async for index, _ in http_engine.generate_many(prompts, GREEDY)]
@@ -207,6 +210,30 @@ async def test_a_cluster_names_the_served_model_and_the_path_alone_is_a_typed_40
     assert refused.value.code == 1007  # engine_error
     assert refused.value.data["status"] == 404
     assert refused.value.data["model"] == str(unnamed.model)
+
+
+async def test_a_named_engine_serves_the_model_by_its_served_name_with_latency_and_tokens(
+    vllm_server: ServerProcess, tmp_path: Path
+) -> None:
+    (tmp_path / "modelsmith.toml").write_text(
+        f'[engines.served]\nkind = "openai"\nurl = "{vllm_server.url}/v1"\n'
+        f'model = "{SERVED_NAME}"\nmax_concurrency = 4\n')
+    named = NamedEngines.from_config(load_daemon_config(None, tmp_path), home=tmp_path)
+    async with anyio.create_task_group() as tg:
+        await tg.start(named.run)
+        engine = named.get("served")
+        await engine.wait_ready(timeout=30)
+        answer = await engine.generate("What is the click-through rate?", GREEDY)
+        answers = [c async for _, c in engine.generate_many(
+            [f"Campaign {n}: what is the CPM?" for n in range(8)], GREEDY)]
+        tg.cancel_scope.cancel()
+    assert engine.info().model == SERVED_NAME
+    for completion in [answer, *answers]:
+        assert completion.text
+        assert completion.latency_s is not None and completion.latency_s > 0
+        assert completion.prompt_tokens is not None and completion.prompt_tokens > 0
+        assert completion.completion_tokens == completion.token_count >= 1
+        assert completion.ttft_s is None
 
 
 async def test_a_stopped_server_gives_engine_error_and_the_engine_reports_dead(
