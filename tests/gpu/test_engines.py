@@ -151,10 +151,15 @@ async def test_an_adapter_is_loaded_once_per_path_under_the_clusters_name(tmp_pa
     pool.add_cluster("a", spec())
     pool.add_cluster("b", spec())
     first, second = tmp_path / "v1", tmp_path / "v2"
-    assert await pool.ensure_adapter("a", "cand", first) == "a:cand"
-    assert await pool.ensure_adapter("a", "cand", first) == "a:cand"
-    assert await pool.ensure_adapter("b", "cand", first) == "b:cand"
-    assert await pool.ensure_adapter("a", "cand", second) == "a:cand"
+    # Adapters go through the engine's gate, which lets users in once the engine is warm.
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            assert await pool.ensure_adapter("a", "cand", first) == "a:cand"
+            assert await pool.ensure_adapter("a", "cand", first) == "a:cand"
+            assert await pool.ensure_adapter("b", "cand", first) == "b:cand"
+            assert await pool.ensure_adapter("a", "cand", second) == "a:cand"
+            tg.cancel_scope.cancel()
     assert built.engines[0].loads == [("a:cand", first), ("b:cand", first), ("a:cand", second)]
 
 
