@@ -28,6 +28,7 @@ def eval_block(summary: EvalSummary) -> str:
         render.kv("cluster", summary.cluster),
         render.kv("model", summary.model),
         render.kv("iteration", summary.iteration),
+        render.kv("engine", summary.engine) if summary.engine else
         render.kv("adapter", summary.adapter or "base"),
         render.kv("tag", summary.tag),
         render.kv("scenarios", f"{summary.scored} ({kind}{summary.type.replace('_', '-')}: {sets})"),
@@ -55,7 +56,7 @@ def eval_block(summary: EvalSummary) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"cluster": args.cluster, "type": args.type, "quick": args.quick}
-    for key in ("tag", "workers", "domain", "adapter", "repeats", "temperature"):
+    for key in ("tag", "workers", "domain", "adapter", "engine", "repeats", "temperature"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     started = call(args, "eval.run", params, EvalStarted)
@@ -210,7 +211,10 @@ def register(sub: Any, add: Any) -> None:
                    help="which scenario sets: core, held_out or both (default: full)")
     p.add_argument("--quick", action="store_true", help="a deterministic stratified subset")
     p.add_argument("--tag", help="name of this eval (default: the daemon picks one)")
-    p.add_argument("--workers", type=int, help="scoring threads (default: [eval] workers of cluster.toml)")
+    p.add_argument("--workers", type=int, help="concurrent requests for this eval (default: the "
+                   "engine's max_concurrency for a named engine, else all at once)")
+    p.add_argument("--engine", help="a named engine of modelsmith.toml ([engines.NAME]) to run "
+                   "the cluster's governed set on, for comparison (never a promotion candidate)")
     p.add_argument("--domain", help="only scenarios of this domain")
     p.add_argument("--adapter", help="base | champion | candidate | iter-N (default: newest)")
     p.add_argument("--repeats", type=int, help="sample each scenario K times: pass rates, flaky "

@@ -293,8 +293,9 @@ TOOLS: tuple[ToolSpec[Any, Any], ...] = (
              FleetStatusArgs, FleetStatus, fleet_status),
     ToolSpec("modelsmith_cluster_status", "One cluster's phase, iteration, scores, champion and "
              "pending promotion.", ClusterArgs, ClusterStatus, cluster_status),
-    ToolSpec("modelsmith_eval_run", "Start an eval of a cluster's scenario sets on its warm engine; "
-             "returns the job id at once (follow it with modelsmith_eval_status).",
+    ToolSpec("modelsmith_eval_run", "Start an eval of a cluster's scenario sets on its warm engine "
+             "(or, with engine, on a named engine for comparison); returns the job id at once "
+             "(follow it with modelsmith_eval_status).",
              EvalRunArgs, EvalStarted, eval_run, read_only=False),
     ToolSpec("modelsmith_eval_status", "State and progress of an eval job, and the eval summary "
              "(composite, held-out, gates, regressions) once it has succeeded. wait_s blocks until "

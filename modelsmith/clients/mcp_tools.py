@@ -92,8 +92,14 @@ class EvalRunArgs(ToolArgs):
     tag: EvalTag | None = None
     type: Literal["core", "held_out", "full"] = "full"
     quick: bool = False
-    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | None = None
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256, description=(
+        "concurrent requests for this eval; default: the engine's max_concurrency (a named "
+        "engine), else all at once"))] | None = None
     domain: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    engine: Annotated[str, msgspec.Meta(min_length=1, max_length=63, description=(
+        "a named engine ([engines.NAME] in modelsmith.toml) to run the cluster's governed set "
+        "on instead of its own: a comparison, never a promotion candidate; no adapter with it"
+        ))] | None = None
     adapter: Annotated[str, msgspec.Meta(description=(
         '"base", "champion", "candidate" or "iter-N"; default: the newest adapter'))] | None = None
     repeats: Annotated[int, msgspec.Meta(ge=1, le=100, description=(

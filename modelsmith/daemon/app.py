@@ -24,10 +24,13 @@ from modelsmith import __version__
 from modelsmith.daemon.config import DaemonConfig
 from modelsmith.daemon.listener import bind_unix_socket, inherited_socket
 from modelsmith.daemon.sdnotify import Notifier, listen_fds, watchdog_interval
+from modelsmith.errors import EngineError
 from modelsmith.gpu import engine_reaper
+from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engine_reaper import stop_leftover_engines
 from modelsmith.gpu.engines import EnginePool, EngineSpec
 from modelsmith.gpu.leases import LeaseManager
+from modelsmith.gpu.named_engines import NamedEngines
 from modelsmith.loop.autonomy.inbox import InboxWatcher
 from modelsmith.loop.autonomy.service import LoopService
 from modelsmith.loop.cluster.config import Cluster
@@ -77,14 +80,24 @@ class Daemon:
     def __post_init__(self) -> None:
         self.fleet = Fleet(self.home)
         self.engines = EnginePool()
+        # [engines.NAME]: a vLLM one is the pool's (one warm engine per base model, shared
+        # with the clusters on it); OpenAI-compatible ones the registry runs itself.
+        self.named = NamedEngines.from_config(self.config, home=self.home,
+                                              vllm_provider=self._named_vllm)
         self._reaper: tuple[subprocess.Popen[bytes], int] | None = None  # watcher, pipe
-        self.evals = EvalService(self.fleet, self.jobs, self.engines)
+        self.evals = EvalService(self.fleet, self.jobs, self.engines, self.named)
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
         self.promotions = PromotionService(self.fleet, self.engines, self.home)
         self.loops = LoopService(self.fleet, self.jobs, self.evals, self.training, self.promotions)
         self.inbox = InboxWatcher(self.fleet, self.loops.trigger)
         self._shutdown = anyio.Event()
+
+    def _named_vllm(self, name: str, spec: EngineSpec) -> Engine:
+        if not self.config.start_engines:
+            raise EngineError(f"engine {name!r} is a local vLLM engine and engines are off in "
+                              "this daemon (start_engines = false)", data={"engine": name})
+        return self.engines.add_named(name, spec)
 
     # -- RPC methods of the daemon itself -------------------------------------------------
     def _register(self) -> None:
@@ -150,6 +163,11 @@ class Daemon:
                 log.error("cluster unavailable", cluster=runtime.cluster.name, error=runtime.status_error)
             if self.config.start_engines and runtime.ledger is not None:
                 self.engines.add_cluster(runtime.cluster.name, engine_spec_for(runtime.cluster))
+        # Cluster specs first (their LoRA limits build a shared engine), then the named vLLM
+        # engines, all before the pool runs, so it starts them all.
+        if self.config.start_engines:
+            for name in self.named.vllm_specs():
+                self.named.get(name)
         # Every local engine is a resident of the devices it spans: it sleeps for a trainer there.
         for gate, tensor_parallel_size in self.engines.residents():
             gate.devices = self.leases.add_engine(gate, tensor_parallel_size)
@@ -175,6 +193,7 @@ class Daemon:
                 # Engines load in the background (state "loading"); systemd is told to wait.
                 self.notifier.extend_timeout(300)
                 await tg.start(self.engines.run)
+                await tg.start(self.named.run)
                 # The recorded champions are loaded again and checked by their canaries.
                 tg.start_soon(self.promotions.restore_champions, name="champions")
                 # Supervisors restore their recorded state and resume interrupted jobs.

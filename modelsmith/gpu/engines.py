@@ -233,6 +233,7 @@ class EnginePool:
         self._gates: dict[str, EngineGate] = {}
         self._specs: dict[str, EngineSpec] = {}
         self._by_cluster: dict[str, str] = {}
+        self._by_named: dict[str, str] = {}  # named engines ([engines.NAME]) the pool runs
         self._loaded_adapters: dict[str, dict[str, Path]] = {}
 
     def add_cluster(self, cluster: str, spec: EngineSpec) -> None:
@@ -249,6 +250,28 @@ class EnginePool:
             self._specs[key] = spec
             self._loaded_adapters[key] = {}
         self._by_cluster[cluster] = key
+
+    def add_named(self, name: str, spec: EngineSpec) -> Engine:
+        """Give the named engine ``name`` (``[engines.NAME]``, kind vllm) the engine for
+        ``spec``, sharing the warm engine of any cluster on the same base model; returns it.
+
+        Register before :meth:`run` (the pool starts the engines it has then). Its users go
+        through :meth:`serving_named`, so it sleeps for trainers like a cluster's engine.
+        """
+        key = spec.key
+        if key not in self._engines:
+            engine = self._factory(f"{spec.model.name}-{len(self._engines)}", spec)
+            self._engines[key] = engine
+            self._gates[key] = EngineGate(engine, drain_timeout_s=self._drain_timeout_s)
+            self._specs[key] = spec
+            self._loaded_adapters[key] = {}
+        self._by_named[name] = key
+        return self._engines[key]
+
+    def named_gate(self, name: str) -> EngineGate | None:
+        """The gate of a named engine the pool runs (:meth:`add_named`); None otherwise."""
+        key = self._by_named.get(name)
+        return None if key is None else self._gates[key]
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:

@@ -178,6 +178,11 @@ class NamedEngines:
         config = self.config(name)
         return config.max_concurrency if isinstance(config, OpenAINamedEngine) else None
 
+    def request_timeout(self, name: str) -> float | None:
+        """The bound on one request (``timeout_s``); None for in-process vLLM."""
+        config = self.config(name)
+        return config.timeout_s if isinstance(config, OpenAINamedEngine) else None
+
     def vllm_specs(self) -> dict[str, EngineSpec]:
         """The pool's spec of every vLLM named engine, by name."""
         return {name: vllm_spec_for(config, self._home)

@@ -13,7 +13,8 @@ from modelsmith.gpu.engine import Completion
 from modelsmith.gpu.model_identity import base_model_identity, generation_defaults
 from modelsmith.gpu.prompting import load_tokenizer, render_prompt
 from modelsmith.loop.cluster.config import Cluster, ClusterConfig
-from modelsmith.loop.eval.run import eval_sampling, read_answer, score_batch, split_reasoning
+from modelsmith.loop.eval.answers import eval_sampling, split_reasoning
+from modelsmith.loop.eval.run import read_answer, score_batch
 from modelsmith.loop.scoring.scenarios import Scenario
 
 from .thinking_model import thinking_model

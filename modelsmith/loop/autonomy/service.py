@@ -51,7 +51,8 @@ class LoopService:
         params = EvalRunParams(cluster=runtime.cluster.name, tag=started.tag,
                                type=started.type,  # type: ignore[arg-type]
                                quick=started.quick, domain=started.domain,
-                               adapter=started.adapter or "base")
+                               adapter=None if started.engine else started.adapter or "base",
+                               engine=started.engine)
         plan = await anyio.to_thread.run_sync(lambda: self.evals.plan(runtime, params, resume=True))
         return self.evals.start(params, plan=plan, resume_job_id=item.job_id)[0]
 

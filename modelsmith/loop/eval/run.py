@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,11 @@ import structlog
 from modelsmith.atomic import atomic_write_bytes, fsync_dir
 from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, ValidationError
-from modelsmith.gpu.engine import Completion, Sampling
-from modelsmith.gpu.model_identity import generation_defaults
+from modelsmith.gpu.engine import Completion, Sampling, generate_concurrently
 from modelsmith.hashing import sha256_file
-from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.eval.aggregate import answer_split, by_scenario, mean_of, trial_stats
+from modelsmith.loop.eval.answers import split_reasoning
 from modelsmith.loop.eval.stats import bootstrap_ci95
 from modelsmith.loop.jobs.registry import Job
 from modelsmith.loop.scoring.rubric import CriterionResult, RubricScore, score, score_with_judge
@@ -175,69 +174,6 @@ def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None
     )
 
 
-# -- reading answers: sampling and reasoning ---------------------------------------------------
-
-_THINK_OPEN = "<think>"
-_THINK_CLOSE = "</think>"
-_DEFAULT_TEMPERATURE = 0.0
-_DEFAULT_TOP_P = 1.0
-_DEFAULT_MAX_TOKENS = 64
-
-
-def eval_sampling(cluster: Cluster) -> Sampling:
-    """The eval's sampling: cluster.toml first, then the model's generation_config.json, then
-    the built-in defaults (greedy, top_p 1, 64 tokens); with the cluster's stop strings and
-    chat template variables."""
-    cfg = cluster.config.sampling
-    model = generation_defaults(cluster.base_model)
-    temperature = cfg.temperature if cfg.temperature is not None else model.temperature
-    top_p = cfg.top_p if cfg.top_p is not None else model.top_p
-    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else model.max_new_tokens
-    return Sampling(
-        temperature=_DEFAULT_TEMPERATURE if temperature is None else temperature,
-        top_p=_DEFAULT_TOP_P if top_p is None else top_p,
-        max_tokens=_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-        seed=cfg.seed,
-        stop=list(cfg.stop),
-        chat_template_kwargs=dict(cluster.config.model.chat_template_kwargs),
-    )
-
-
-def split_reasoning(text: str, reasoning: str | None = None) -> tuple[str, str | None]:
-    """``(answer, reasoning)`` of a completion, as ``[scoring] strip_reasoning`` reads it.
-
-    The rule (docs/scenarios.md): every ``<think>...</think>`` block is reasoning; a
-    ``</think>`` with no ``<think>`` before it closes reasoning that began in the prompt (chat
-    templates that open the block themselves), so all text before it is reasoning; an
-    unterminated ``<think>`` (the answer ran out of tokens while thinking) makes the rest
-    reasoning and leaves no answer. A server's separate ``reasoning_content`` is kept as well.
-    Whitespace around the answer is trimmed. No reasoning found: ``(text, reasoning)``.
-    """
-    parts: list[str] = [reasoning] if reasoning else []
-    answer: list[str] = []
-    rest = text
-    first_close = rest.find(_THINK_CLOSE)
-    first_open = rest.find(_THINK_OPEN)
-    if first_close != -1 and (first_open == -1 or first_close < first_open):
-        parts.append(rest[:first_close])
-        rest = rest[first_close + len(_THINK_CLOSE):]
-    while True:
-        start = rest.find(_THINK_OPEN)
-        if start == -1:
-            answer.append(rest)
-            break
-        answer.append(rest[:start])
-        end = rest.find(_THINK_CLOSE, start + len(_THINK_OPEN))
-        if end == -1:
-            parts.append(rest[start + len(_THINK_OPEN):])
-            break
-        parts.append(rest[start + len(_THINK_OPEN):end])
-        rest = rest[end + len(_THINK_CLOSE):]
-    if len(parts) == (1 if reasoning else 0) and len(answer) == 1:
-        return text, reasoning
-    return "".join(answer).strip(), "\n".join(p.strip() for p in parts)
-
-
 def weighted_mean(results: Sequence[ScenarioResult]) -> float:
     total = sum(r.weight for r in results)
     return sum(r.score * r.weight for r in results) / total if total else 0.0
@@ -282,6 +218,7 @@ class EvalPlan:
     workers: int
     repeats: int = 1
     temperature: float | None = None  # None: the cluster's eval sampling temperature
+    engine: str | None = None  # a named engine ([engines.NAME]); None: the cluster's own
 
 
 def select_scenarios(
@@ -369,6 +306,7 @@ def summarize(
         pass_at_k=trials.pass_at_k,
         flaky=trials.flaky,
         pass_rates=trials.pass_rates if max(plan.repeats, trials.repeats) > 1 else {},
+        engine=plan.engine,
     )
 
 
@@ -497,11 +435,28 @@ def pending_trials(scenarios: Sequence[Scenario], done: Sequence[ScenarioResult]
     return [[s for s in scenarios if (s.id, trial) not in done_keys] for trial in range(repeats)]
 
 
+def answers_of(engine: Any, prompts: Sequence[Any], sampling: Any, adapter: str | None,
+               limiter: anyio.CapacityLimiter | None) -> AsyncIterator[tuple[int, Completion]]:
+    """``(index, completion)`` for every prompt as each finishes: the engine's own batching,
+    or (with ``limiter``, the eval's ``workers``) one request per prompt, at most the
+    limiter's total in flight."""
+    if limiter is None:
+        return engine.generate_many(prompts, sampling, adapter=adapter)  # type: ignore[no-any-return]
+
+    async def one(prompt: Any) -> Completion:
+        async with limiter:
+            return await engine.generate(prompt, sampling, adapter=adapter)  # type: ignore[no-any-return]
+
+    return generate_concurrently(one, prompts)
+
+
 async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: Any,
                      todo: Sequence[Scenario], trial: int, writer: ResultsWriter,
-                     results: list[ScenarioResult], total: int, adapter_name: str | None) -> None:
+                     results: list[ScenarioResult], total: int, adapter_name: str | None,
+                     judge: Any = None, limiter: anyio.CapacityLimiter | None = None) -> None:
     """Generate, score and write one trial of ``todo``: plain scenarios batched, judged ones
-    one by one (their judge calls share the engine)."""
+    one by one (their judge calls go to ``judge``, default the answering engine)."""
+    judge_engine = engine if judge is None else judge
     plain = [s for s in todo if not has_judge(s)]
     judged = [s for s in todo if has_judge(s)]
     strip = runtime.cluster.config.scoring.strip_reasoning
@@ -516,18 +471,22 @@ async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: A
         job.set_progress(len(results), total)
 
     prompts = [prompt_messages(s) for s in plain]
-    async for index, completion in engine.generate_many(prompts, sampling, adapter=adapter_name):
+    async for index, completion in answers_of(engine, prompts, sampling, adapter_name, limiter):
         pending.append(read_answer(plain[index], completion, strip))
         if len(pending) >= SCORE_BATCH:
             await flush()
     if pending:
         await flush()
     for s in judged:
-        completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
+        if limiter is None:
+            completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
+        else:
+            async with limiter:
+                completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
         _, answer, finish, tokens, reasoning = read_answer(s, completion, strip)
 
         async def judge_fn(text: str) -> str:
-            verdict = await engine.generate(text, sampling)
+            verdict = await judge_engine.generate(text, sampling)
             return str(verdict.text)
 
         try:
@@ -550,8 +509,13 @@ async def execute_eval(
     *,
     baseline: tuple[str, list[ScenarioResult]] | None,
     adapter_name: str | None = None,
+    judge: Any = None,
 ) -> EvalSummary:
-    """Run ``plan`` on ``engine``; results stream to disk; returns the summary (also on disk)."""
+    """Run ``plan`` on ``engine``; results stream to disk; returns the summary (also on disk).
+
+    ``plan.workers`` > 0 caps the requests in flight (one CapacityLimiter for the eval); 0 sends
+    them all at once. ``judge`` answers ``llm_judge`` criteria (default: ``engine``).
+    """
     directory = eval_dir(runtime, plan.tag)
     results_path = directory / RESULTS_FILE
     done = await anyio.to_thread.run_sync(lambda: read_results(results_path, repair=True))
@@ -571,11 +535,12 @@ async def execute_eval(
                      + (f" x {repeats} trials" if repeats > 1 else ""))
     writer = await anyio.to_thread.run_sync(ResultsWriter, results_path)
     results: list[ScenarioResult] = list(done)
+    limiter = anyio.CapacityLimiter(plan.workers) if plan.workers > 0 else None
     try:
         for trial, scenarios in enumerate(todo):
             if scenarios:
                 await _run_trial(runtime, job, engine, trial_sampling(sampling, plan, trial), scenarios,
-                                 trial, writer, results, total, adapter_name)
+                                 trial, writer, results, total, adapter_name, judge, limiter)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(writer.close)

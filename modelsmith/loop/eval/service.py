@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -10,16 +11,18 @@ import anyio
 from modelsmith.errors import ConflictError, NotFound, ValidationError, error_envelope
 from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engines import EnginePool
+from modelsmith.gpu.named_engines import NamedEngines
 from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.aggregate import by_scenario
+from modelsmith.loop.eval.answers import eval_sampling
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     EvalPlan,
     check_tag,
     eval_dir,
-    eval_sampling,
     execute_eval,
+    has_judge,
     read_results,
     read_summary,
     read_trials,
@@ -53,20 +56,30 @@ from modelsmith.rpc.schema.evals import (
 from modelsmith.rpc.server import CallContext
 
 _ADAPTER_NAME = re.compile(r"iter-[0-9]{1,9}")
+NAMED_READY_S = 60.0
 
 
 class EvalService:
-    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: EnginePool) -> None:
+    def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: EnginePool,
+                 named: NamedEngines | None = None) -> None:
         self.fleet = fleet
         self.jobs = jobs
         self.engines = engines
+        self.named = named if named is not None else NamedEngines({}, home=fleet.home)
+        # How long an eval on a named engine that the pool does not run (an OpenAI-compatible
+        # server) waits for it to answer before the eval fails (EngineError).
+        self.named_ready_s = NAMED_READY_S
         # Tags handed out to evals that have not created their directory yet (two quick eval.run
         # calls must not get the same default tag).
         self._planned: set[tuple[str, str]] = set()
 
     # -- planning ---------------------------------------------------------------------
-    def default_tag(self, runtime: ClusterRuntime, type: str, quick: bool) -> str:
-        base = f"{runtime.cluster.name}-iter-{runtime.iteration}-{type.replace('_', '-')}"
+    def default_tag(self, runtime: ClusterRuntime, type: str, quick: bool,
+                    engine: str | None = None) -> str:
+        if engine is not None:
+            base = f"{runtime.cluster.name}-{engine}-{type.replace('_', '-')}"
+        else:
+            base = f"{runtime.cluster.name}-iter-{runtime.iteration}-{type.replace('_', '-')}"
         if quick:
             base += "-quick"
         tag, n = base, 1
@@ -107,7 +120,18 @@ class EvalService:
             catalog.all(), type=params.type, domain=params.domain, quick=params.quick,
             quick_size=runtime.cluster.config.eval.quick_size,
         )
-        adapter = self.resolve_adapter(runtime, params.adapter)
+        workers = params.workers or 0
+        if params.engine is not None:
+            if params.adapter not in (None, ""):
+                raise ValidationError(
+                    f"adapter {params.adapter!r} with engine {params.engine!r}: a named engine "
+                    "serves no adapters of the cluster; leave adapter out",
+                    data={"field": "adapter", "engine": params.engine})
+            self.named.config(params.engine)  # UnknownEngine, listing the known ones
+            adapter = None
+            workers = params.workers or self.named.max_concurrency(params.engine) or 0
+        else:
+            adapter = self.resolve_adapter(runtime, params.adapter)
         adapter_path = runtime.adapter_path(adapter) if adapter else None
         adapter_hash = None
         if adapter_path is not None:
@@ -120,7 +144,7 @@ class EvalService:
                 raise ConflictError(f"eval tag {tag!r} exists already in {runtime.cluster.name}",
                                     data={"field": "tag", "tag": tag})
         else:
-            tag = self.default_tag(runtime, params.type, params.quick)
+            tag = self.default_tag(runtime, params.type, params.quick, params.engine)
         repeats, temperature = params.repeats, params.temperature
         recorded = read_trials(runtime.cluster.evals_dir() / tag) if resume else None
         if recorded is not None:  # a resumed run samples as its first run did
@@ -129,8 +153,8 @@ class EvalService:
         return EvalPlan(
             tag=tag, type=params.type, quick=params.quick, scenarios=tuple(scenarios),
             scenario_sets=catalog.versions(), adapter=adapter, adapter_path=adapter_path,
-            adapter_hash=adapter_hash, workers=params.workers or 0,
-            repeats=repeats, temperature=temperature,
+            adapter_hash=adapter_hash, workers=workers,
+            repeats=repeats, temperature=temperature, engine=params.engine,
         )
 
     def baseline(self, runtime: ClusterRuntime) -> tuple[str, list[Any]] | None:
@@ -147,9 +171,12 @@ class EvalService:
         """Submit the eval job. Must run on the event loop; ``plan`` may be made in a thread."""
         runtime = self.fleet.get(params.cluster)
         runtime.require_ledger()
-        engine = self.engines.engine_for(runtime.cluster.name)
+        if params.engine is None:
+            engine = self.engines.engine_for(runtime.cluster.name)
         if plan is None:
             plan = self.plan(runtime, params, resume=resume_job_id is not None)
+        if params.engine is not None:
+            engine = self.named.get(params.engine)
         log_path = runtime.cluster.logs_dir() / "eval-{job}.log"
 
         async def run(job: Job) -> dict[str, Any]:
@@ -171,42 +198,75 @@ class EvalService:
             tag=plan.tag, job_id=job.job_id, type=plan.type, quick=plan.quick,
             scenarios=len(plan.scenarios), scenario_sets=dict(plan.scenario_sets),
             adapter=plan.adapter, adapter_hash=plan.adapter_hash, domain=params.domain,
-            log=job.log_path))
+            log=job.log_path, engine=plan.engine))
         try:
-            # Waits while the engine loads or sleeps for a trainer (bounded: the pool's
-            # wait_awake_s), and keeps it awake until the last answer: no request meets a
-            # sleeping engine.
-            if self.engines.gate_for(runtime.cluster.name).asleep:
-                job.message = f"eval {plan.tag}: waiting for the engine to wake (a trainer has its GPU)"
-            async with self.engines.serving(runtime.cluster.name):
-                job.message = f"eval {plan.tag}"
-                adapter_name = None
-                if plan.adapter is not None and plan.adapter_path is not None:
-                    require_not_failed(runtime, plan.adapter)  # its canaries failed: not served
-                    adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
-                sampling = eval_sampling(runtime.cluster)
-                summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
-                                             adapter_name=adapter_name)
+            if plan.engine is not None:
+                summary = await self._run_named(job, runtime, engine, plan, baseline)
+            else:
+                # Waits while the engine loads or sleeps for a trainer (bounded: the pool's
+                # wait_awake_s), and keeps it awake until the last answer: no request meets a
+                # sleeping engine.
+                if self.engines.gate_for(runtime.cluster.name).asleep:
+                    job.message = f"eval {plan.tag}: waiting for the engine to wake (a trainer has its GPU)"
+                async with self.engines.serving(runtime.cluster.name):
+                    job.message = f"eval {plan.tag}"
+                    adapter_name = None
+                    if plan.adapter is not None and plan.adapter_path is not None:
+                        require_not_failed(runtime, plan.adapter)  # its canaries failed: not served
+                        adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
+                    sampling = eval_sampling(runtime.cluster)
+                    summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
+                                                 adapter_name=adapter_name)
             summary_bytes = await anyio.Path(eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 failed = EvalFailed(job_id=job.job_id, error=failure_of(exc), tag=plan.tag)
                 await anyio.to_thread.run_sync(runtime.record, failed)
             raise
+        return await self._finish(job, runtime, plan, summary, summary_bytes)
+
+    async def _finish(self, job: Job, runtime: ClusterRuntime, plan: EvalPlan, summary: EvalSummary,
+                      summary_bytes: bytes) -> dict[str, Any]:
         await anyio.to_thread.run_sync(runtime.record, EvalFinished(
             tag=plan.tag, job_id=job.job_id, composite=summary.composite,
             held_out=summary.held_out, passed=summary.passed,
             summary_sha256=sha256_hex(summary_bytes), results_sha256=summary.results_sha256,
-            adapter=plan.adapter))
-        return {"tag": plan.tag, "composite": summary.composite, "held_out": summary.held_out,
-                "passed": summary.passed}
+            adapter=plan.adapter, engine=plan.engine))
+        out: dict[str, Any] = {"tag": plan.tag, "composite": summary.composite,
+                               "held_out": summary.held_out, "passed": summary.passed}
+        if plan.engine is not None:
+            out["engine"] = plan.engine
+        return out
+
+    async def _run_named(self, job: Job, runtime: ClusterRuntime, engine: Engine, plan: EvalPlan,
+                         baseline: tuple[str, list[Any]] | None) -> EvalSummary:
+        """The governed set on a named engine: held awake through the pool when the pool runs
+        it (a vLLM one), else waited for (bounded: ``named_ready_s``); judged by the cluster's
+        own engine when a scenario has an ``llm_judge`` criterion, so scoring is the same."""
+        assert plan.engine is not None
+        sampling = eval_sampling(runtime.cluster)
+        async with contextlib.AsyncExitStack() as stack:
+            gate = self.engines.named_gate(plan.engine)
+            if gate is not None:
+                engine = await stack.enter_async_context(gate.serving(self.engines.wait_awake_s))
+            else:
+                # An OpenAI-compatible server that does not answer within one request's bound
+                # fails the eval (EngineError), not the daemon.
+                timeout = self.named.request_timeout(plan.engine) or self.named_ready_s
+                await engine.wait_ready(min(self.named_ready_s, timeout))
+            judge = None
+            if any(has_judge(s) for s in plan.scenarios):
+                judge = await stack.enter_async_context(self.engines.serving(runtime.cluster.name))
+            return await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
+                                      judge=judge)
 
 
     # -- RPC ------------------------------------------------------------------------------
     def register(self, table: MethodTable) -> None:
         async def eval_run(params: EvalRunParams, ctx: CallContext) -> EvalStarted:
             runtime = self.fleet.get(params.cluster)
-            self.engines.engine_for(runtime.cluster.name)
+            if params.engine is None:
+                self.engines.engine_for(runtime.cluster.name)
             plan = await anyio.to_thread.run_sync(self.plan, runtime, params)
             job, plan = self.start(params, plan=plan)
             return EvalStarted(job_id=job.job_id, status="started", tag=plan.tag, log=job.log_path or "")
@@ -239,7 +299,7 @@ class EvalService:
             entries = [
                 EvalListEntry(tag=r.event.tag, composite=r.event.composite,
                               held_out=r.event.held_out, passed=r.event.passed,
-                              finished_at=r.ts, adapter=r.event.adapter)
+                              finished_at=r.ts, adapter=r.event.adapter, engine=r.event.engine)
                 for r in ledger.find(EvalFinished)
             ]
             return EvalList(cluster=params.cluster, evals=entries)

@@ -77,7 +77,7 @@ def iteration_of(adapter: str | None) -> int:
 
 def default_eval_tag(ledger: Ledger, candidate: str | None) -> str | None:
     """The newest finished eval of ``candidate``; else the newest eval (so the gate says why)."""
-    finished = ledger.find(EvalFinished)
+    finished = [r for r in ledger.find(EvalFinished) if r.event.engine is None]
     for recorded in reversed(finished):
         if candidate is not None and recorded.event.adapter == candidate:
             return recorded.event.tag
@@ -93,7 +93,7 @@ def _eval_entry(ledger: Ledger, tag: str) -> EvalFinished | None:
 
 def _base_eval_tag(ledger: Ledger) -> str | None:
     for recorded in reversed(ledger.find(EvalFinished)):
-        if recorded.event.adapter is None:
+        if recorded.event.adapter is None and recorded.event.engine is None:
             return recorded.event.tag
     return None
 
@@ -215,10 +215,15 @@ def _check_adapter(runtime: ClusterRuntime, candidate: str | None, summary: Eval
         checks.add("eval_of_candidate", False, "no eval of a candidate to check")
         checks.add("adapter_hash", False, "no candidate adapter to hash")
         return
-    checks.add("eval_of_candidate", summary.adapter == candidate,
-               f"eval is of {candidate}" if summary.adapter == candidate else
-               f"eval is of {summary.adapter or 'the base model'}, not the candidate "
-               f"{candidate}; run `modelsmith eval --adapter candidate`")
+    if summary.engine is not None:
+        checks.add("eval_of_candidate", False,
+                   f"eval ran on the named engine {summary.engine!r}, not the cluster's own: "
+                   "a comparison is never promotion evidence")
+    else:
+        checks.add("eval_of_candidate", summary.adapter == candidate,
+                   f"eval is of {candidate}" if summary.adapter == candidate else
+                   f"eval is of {summary.adapter or 'the base model'}, not the candidate "
+                   f"{candidate}; run `modelsmith eval --adapter candidate`")
     from modelsmith.gpu.adapters import verify_adapter
 
     try:

@@ -152,6 +152,7 @@ class EvalStarted(_Event, frozen=True, tag="eval.started"):
     adapter_hash: str | None = None
     domain: str | None = None
     log: str | None = None
+    engine: str | None = None  # a named engine ([engines.NAME]); None: the cluster's own
 
 
 class EvalFinished(_Event, frozen=True, tag="eval.finished"):
@@ -163,6 +164,7 @@ class EvalFinished(_Event, frozen=True, tag="eval.finished"):
     summary_sha256: str
     results_sha256: str
     adapter: str | None = None
+    engine: str | None = None  # a named engine's eval: never promotion evidence
 
 
 class EvalFailed(_Event, frozen=True, tag="eval.failed"):

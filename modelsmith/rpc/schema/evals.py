@@ -18,9 +18,14 @@ class EvalRunParams(MutatingParams):
     tag: str | None = None
     type: EvalType = "full"
     quick: bool = False
-    workers: int | None = None
+    # Concurrent requests for this eval (default: a named engine's max_concurrency, else all
+    # at once: the engine batches).
+    workers: Annotated[int, msgspec.Meta(ge=1, le=4096)] | None = None
     domain: str | None = None
     adapter: str | None = None  # "base", "champion", "candidate" or "iter-N"; default: newest
+    # A named engine ([engines.NAME] in modelsmith.toml) to run the governed set on instead of
+    # the cluster's own: a comparison, never a promotion candidate; no adapter with it.
+    engine: str | None = None
     # Trials per scenario (each sampled anew, seed + trial); pass rates, flaky ids and pass^K
     # in the summary. ``temperature`` overrides the cluster's eval sampling temperature.
     repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
@@ -104,6 +109,7 @@ class EvalSummary(msgspec.Struct, kw_only=True):
     pass_at_k: float | None = None
     flaky: list[str] = []  # passed some trials and failed others
     pass_rates: dict[str, float] = {}  # per scenario, only when repeats > 1
+    engine: str | None = None  # the named engine it ran on; None: the cluster's own
 
 
 class CriterionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -227,6 +233,7 @@ class EvalListEntry(msgspec.Struct, kw_only=True):
     passed: bool | None
     finished_at: str | None
     adapter: str | None
+    engine: str | None = None
 
 
 class EvalList(msgspec.Struct, kw_only=True):
