@@ -47,6 +47,13 @@ def eval_block(summary: EvalSummary) -> str:
         lines.append(render.kv("flaky", f"{len(summary.flaky)}{flaky}"))
     lines.append(render.kv("regressions", f"{reg.count} / {reg.compared}"
                            + (f"  (vs {reg.baseline_tag})" if reg.baseline_tag else "")))
+    if summary.latency_p50_s is not None:
+        lines.append(render.kv("latency", f"p50 {summary.latency_p50_s:.3f} s, "
+                               f"p95 {summary.latency_p95_s or 0:.3f} s"))
+    if summary.tokens_per_s is not None:
+        lines.append(render.kv("tokens/s", f"{summary.tokens_per_s:.1f}"))
+    if summary.cost_per_1k_scenarios_usd is not None:
+        lines.append(render.kv("cost / 1k", f"${summary.cost_per_1k_scenarios_usd:.4f}"))
     if summary.judge_errors:
         lines.append(render.kv("judge errors", summary.judge_errors))
     lines.append(render.kv("duration", render.duration(summary.duration_s)))

@@ -179,11 +179,19 @@ class VllmEngine:
         text = render_prompt(
             tokenizer, prompt, chat_template_kwargs=sampling.chat_template_kwargs
         )
-        choice = await self._complete(llm, text, _sampling_params(sampling), lora_request)
+        started = time.monotonic()
+        final = await self._complete(llm, text, _sampling_params(sampling), lora_request)
+        latency = time.monotonic() - started
+        choice = final.outputs[0]
+        prompt_ids = getattr(final, "prompt_token_ids", None)
         return Completion(
             text=choice.text,
             token_count=len(choice.token_ids),
             finish_reason=str(choice.finish_reason or "abort"),
+            # Submit to the final output; no ttft: the request is not streamed (FINAL_ONLY).
+            latency_s=latency,
+            prompt_tokens=len(prompt_ids) if prompt_ids is not None else None,
+            completion_tokens=len(choice.token_ids),
         )
 
     async def generate_tokens(
@@ -194,7 +202,7 @@ class VllmEngine:
         self._lifecycle.require(EngineState.WARM)
         lora_request = self._lora_request(adapter)
         params = _sampling_params(sampling, logprobs=True)
-        choice = await self._complete(self._llm, prompt_text, params, lora_request)
+        choice = (await self._complete(self._llm, prompt_text, params, lora_request)).outputs[0]
         token_ids = [int(token) for token in choice.token_ids]
         logprobs: list[float] = []
         for token, alternatives in zip(token_ids, choice.logprobs or [], strict=False):
@@ -207,7 +215,7 @@ class VllmEngine:
         )
 
     async def _complete(self, llm: Any, text: str, params: Any, lora_request: Any) -> Any:
-        """Run one request to its end; the final CompletionOutput."""
+        """Run one request to its end; the final RequestOutput (with at least one output)."""
         request_id = f"{self.name}-{next(self._request_ids)}-{uuid.uuid4().hex[:8]}"
         final: Any = None
         try:
@@ -229,7 +237,7 @@ class VllmEngine:
             raise EngineError(
                 f"engine {self.name!r} returned no output", data={"engine": self.name}
             )
-        return final.outputs[0]
+        return final
 
     async def generate_many(
         self, prompts: Sequence[PromptInput], sampling: Sampling, *, adapter: str | None = None

@@ -192,6 +192,16 @@ def test_an_eval_on_a_named_engine_is_scored_recorded_capped_and_never_evidence(
         assert summary["composite"] == 1.0 and summary["passed"] is True
         results = (home / "shop" / "evals" / "shop-frontier-full" / "results.jsonl").read_text()
         assert "cost per mille" in results
+        lines = [json.loads(line) for line in results.splitlines()]
+        assert {(r["prompt_tokens"], r["completion_tokens"]) for r in lines} == {(7, 3)}
+        assert all(r["latency_s"] >= 0.05 for r in lines) and all(r["ttft_s"] is None for r in lines)
+        assert 0.05 <= summary["latency_p50_s"] <= summary["latency_p95_s"]
+        assert summary["tokens_per_s"] > 0
+        # (7 x $1 + 3 x $2) per million tokens per answer
+        assert summary["cost_per_1k_scenarios_usd"] == pytest.approx(0.013)
+        own_summary = daemon.call("eval.summary", {"cluster": "shop", "tag": "own-1"})
+        assert own_summary["cost_per_1k_scenarios_usd"] is None  # no prices for its own engine
+        assert own_summary["latency_p50_s"] is not None
 
         finished = {e["data"]["tag"]: e["data"] for e in _ledger(home) if e["kind"] == "eval.finished"}
         assert finished["shop-frontier-full"]["engine"] == "frontier"

@@ -31,10 +31,12 @@ from modelsmith.atomic import atomic_write_bytes, fsync_dir
 from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, ValidationError
 from modelsmith.gpu.engine import Completion, Sampling, generate_concurrently
+from modelsmith.gpu.named_engines import EnginePrices
 from modelsmith.hashing import sha256_file
 from modelsmith.loop.cluster.fleet import ClusterRuntime
 from modelsmith.loop.eval.aggregate import answer_split, by_scenario, mean_of, trial_stats
 from modelsmith.loop.eval.answers import split_reasoning
+from modelsmith.loop.eval.measures import measure, with_measures
 from modelsmith.loop.eval.stats import bootstrap_ci95
 from modelsmith.loop.jobs.registry import Job
 from modelsmith.loop.scoring.rubric import CriterionResult, RubricScore, score, score_with_judge
@@ -244,8 +246,10 @@ def summarize(
     started_at: str,
     duration: float,
     results_sha256: str,
+    prices: EnginePrices | None = None,
 ) -> EvalSummary:
     cfg = runtime.cluster.config
+    measures = measure(results, prices)
     trials = trial_stats(results)
     scenarios = by_scenario(results)
     held = [r for r in scenarios if r.set == "held-out"]
@@ -307,6 +311,10 @@ def summarize(
         flaky=trials.flaky,
         pass_rates=trials.pass_rates if max(plan.repeats, trials.repeats) > 1 else {},
         engine=plan.engine,
+        latency_p50_s=measures.latency_p50_s,
+        latency_p95_s=measures.latency_p95_s,
+        tokens_per_s=measures.tokens_per_s,
+        cost_per_1k_scenarios_usd=measures.cost_per_1k_scenarios_usd,
     )
 
 
@@ -461,11 +469,14 @@ async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: A
     judged = [s for s in todo if has_judge(s)]
     strip = runtime.cluster.config.scoring.strip_reasoning
     pending: list[Answer] = []
+    replies: list[Completion] = []
 
     async def flush() -> None:
-        batch = list(pending)
+        batch, answered = list(pending), list(replies)
         pending.clear()
+        replies.clear()
         scored = await anyio.to_thread.run_sync(score_batch, batch, trial)
+        scored = [with_measures(r, c) for r, c in zip(scored, answered, strict=True)]
         await anyio.to_thread.run_sync(writer.write, scored)
         results.extend(scored)
         job.set_progress(len(results), total)
@@ -473,6 +484,7 @@ async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: A
     prompts = [prompt_messages(s) for s in plain]
     async for index, completion in answers_of(engine, prompts, sampling, adapter_name, limiter):
         pending.append(read_answer(plain[index], completion, strip))
+        replies.append(completion)
         if len(pending) >= SCORE_BATCH:
             await flush()
     if pending:
@@ -494,7 +506,7 @@ async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: A
         except Exception as exc:
             log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
             rs = scoring_failure(s, exc)
-        scored = [to_result(s, answer, finish, tokens, rs, reasoning, trial)]
+        scored = [with_measures(to_result(s, answer, finish, tokens, rs, reasoning, trial), completion)]
         await anyio.to_thread.run_sync(writer.write, scored)
         results.extend(scored)
         job.set_progress(len(results), total)
@@ -510,6 +522,7 @@ async def execute_eval(
     baseline: tuple[str, list[ScenarioResult]] | None,
     adapter_name: str | None = None,
     judge: Any = None,
+    prices: EnginePrices | None = None,
 ) -> EvalSummary:
     """Run ``plan`` on ``engine``; results stream to disk; returns the summary (also on disk).
 
@@ -548,7 +561,8 @@ async def execute_eval(
         raise ConflictError("an eval counted a scenario twice", data={"tag": plan.tag})
     ordered = sorted(results, key=lambda r: (r.scenario_id, r.trial))
     digest = await anyio.to_thread.run_sync(sha256_file, results_path)
-    summary = summarize(runtime, plan, job.job_id, ordered, baseline, started_at, time.monotonic() - started, digest)
+    summary = summarize(runtime, plan, job.job_id, ordered, baseline, started_at, time.monotonic() - started, digest,
+                        prices)
     errors = scoring_errors(ordered)
     if errors:
         job.emit("log", {"message": f"scoring errors: {errors}", "scoring_errors": errors})

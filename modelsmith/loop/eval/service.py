@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -65,7 +66,7 @@ class EvalService:
         self.fleet = fleet
         self.jobs = jobs
         self.engines = engines
-        self.named = named if named is not None else NamedEngines({}, home=fleet.home)
+        self.named = named if named is not None else NamedEngines({}, home=Path.cwd())
         # How long an eval on a named engine that the pool does not run (an OpenAI-compatible
         # server) waits for it to answer before the eval fails (EngineError).
         self.named_ready_s = NAMED_READY_S
@@ -258,7 +259,7 @@ class EvalService:
             if any(has_judge(s) for s in plan.scenarios):
                 judge = await stack.enter_async_context(self.engines.serving(runtime.cluster.name))
             return await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
-                                      judge=judge)
+                                      judge=judge, prices=self.named.prices(plan.engine))
 
 
     # -- RPC ------------------------------------------------------------------------------

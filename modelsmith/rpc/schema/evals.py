@@ -110,6 +110,11 @@ class EvalSummary(msgspec.Struct, kw_only=True):
     flaky: list[str] = []  # passed some trials and failed others
     pass_rates: dict[str, float] = {}  # per scenario, only when repeats > 1
     engine: str | None = None  # the named engine it ran on; None: the cluster's own
+    # Over every answer (modelsmith.loop.eval.measures); None where the engine reports nothing.
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    tokens_per_s: float | None = None
+    cost_per_1k_scenarios_usd: float | None = None  # None without the engine's prices
 
 
 class CriterionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -149,6 +154,11 @@ class ScenarioResult(msgspec.Struct, kw_only=True):
     # This answer's weighted mean over its format / substance criteria (None: it has none).
     format_score: float | None = None
     substance_score: float | None = None
+    # What the engine reported for this answer (None where it does not, and in older results):
+    # request to whole answer, time to first token (streaming engines), the server's counts.
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
 
 
 class EvalResultsParams(QueryParams):
