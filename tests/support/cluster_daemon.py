@@ -125,8 +125,9 @@ class ClusterDaemon:
         )
 
     def engine_core_pids(self) -> set[int]:
-        """Pids of the daemon's child processes (vLLM's engine core lives in one of them)."""
-        return _children(self.daemon.pid)
+        """Pids of the daemon's engine processes (vLLM's engine core lives in one of them): its
+        children but the warm trainer and the engine reaper, which come and go on purpose."""
+        return {pid for pid in _children(self.daemon.pid) if not _is_helper(pid)}
 
     def results_lines(self, cluster: str, tag: str) -> list[dict[str, Any]]:
         path = self.home / cluster / "evals" / tag / "results.jsonl"
@@ -153,6 +154,14 @@ class _Deadline:
     def check(self, what: str) -> None:
         if self._clock() > self._end:
             raise TimeoutError(f"{what} within {self._seconds} s")
+
+
+def _is_helper(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # gone: not an engine that stayed
+    return b"modelsmith.gpu.trainer" in cmdline or b"modelsmith.gpu.engine_reaper" in cmdline
 
 
 def _children(pid: int) -> set[int]:
