@@ -7,34 +7,16 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.daemon_process import DaemonProcess, start_daemon
+from support.model_server import ModelServer, serve_model, write_served_cluster
 
 from modelsmith.errors import NotFound, ValidationError
-
-CLUSTER_TOML = """\
-domain = "adtech"
-
-[model]
-base = "model"
-
-[engine]
-kind = "openai"
-url = "{url}"
-model = "tiny"
-
-[thresholds]
-composite = 0.5
-held_out = 0.5
-"""
 
 CORE = """\
 scenarios:
@@ -56,70 +38,17 @@ scenarios:
 """
 
 
-@dataclass
-class ModelServer:
-    url: str
-    answer: str
-    delay_s: float = 0.0
-    in_flight: int = 0
-    max_in_flight: int = 0
-    requests: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _serve(answer: str, delay_s: float = 0.0) -> Iterator[ModelServer]:
-    state = ModelServer(url="", answer=answer, delay_s=delay_s)
-
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # /v1/models
-            self._reply({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
-
-        def do_POST(self) -> None:  # /v1/chat/completions
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            with state.lock:
-                state.in_flight += 1
-                state.requests += 1
-                state.max_in_flight = max(state.max_in_flight, state.in_flight)
-            try:
-                time.sleep(state.delay_s)
-                self._reply({"id": "x", "object": "chat.completion", "model": "tiny",
-                             "choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": state.answer}}],
-                             "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}})
-            finally:
-                with state.lock:
-                    state.in_flight -= 1
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def cluster_server() -> Iterator[ModelServer]:
-    yield from _serve("no idea")  # the cluster's own engine fails every scenario
+    with serve_model(lambda prompt, index: "no idea", usage=(7, 3)) as server:  # fails all
+        yield server
 
 
 @pytest.fixture
 def frontier_server() -> Iterator[ModelServer]:
-    yield from _serve("CPM is the cost per mille", delay_s=0.05)
+    with serve_model(lambda prompt, index: "CPM is the cost per mille", delay_s=0.05,
+                     usage=(7, 3)) as server:
+        yield server
 
 
 def _free_port() -> int:
@@ -129,13 +58,7 @@ def _free_port() -> int:
 
 
 def _home(root: Path, cluster_url: str) -> Path:
-    cluster = root / "home" / "shop"
-    (cluster / "model").mkdir(parents=True)
-    (cluster / "cluster.toml").write_text(CLUSTER_TOML.format(url=cluster_url))
-    for name, text in (("core", CORE), ("held-out", HELD)):
-        (cluster / "scenarios" / name).mkdir(parents=True)
-        (cluster / "scenarios" / name / "s.yaml").write_text(text)
-    return root / "home"
+    return write_served_cluster(root / "home", "shop", cluster_url, core=CORE, held_out=HELD)
 
 
 def _config(frontier_url: str) -> str:
@@ -184,7 +107,7 @@ def test_an_eval_on_a_named_engine_is_scored_recorded_capped_and_never_evidence(
         assert started["tag"] == "shop-frontier-full"
         job = _wait(daemon, started["jobId"])
         assert job["state"] == "succeeded", job
-        assert frontier_server.requests == 7
+        assert len(frontier_server.requests) == 7
         assert frontier_server.max_in_flight <= 2  # workers caps the eval's requests
 
         summary = daemon.call("eval.summary", {"cluster": "shop", "tag": "shop-frontier-full"})

@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.daemon_process import DaemonProcess, start_daemon
-
-CLUSTER_TOML = """\
-domain = "adtech"
-
-[model]
-base = "model"
-
-[engine]
-kind = "openai"
-url = "{url}"
-model = "tiny"
-
-[thresholds]
-composite = 0.5
-held_out = 0.5
-"""
+from support.model_server import ModelServer, run_eval_job, serve_model, write_served_cluster
 
 CHOICE = '{criteria: [{type: choice, labels: [low, mid, high], value: %s}]}'
 CORE = f"""\
@@ -62,87 +44,36 @@ scenarios:
 """
 
 
-class _ModelServer(BaseHTTPRequestHandler):
-    lock = threading.Lock()
-    flips = itertools.count()
-    requests: list[dict[str, Any]] = []
-
-    def _reply(self, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # /v1/models
-        self._reply({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
-
-    def do_POST(self) -> None:  # /v1/chat/completions
-        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-        prompt = request["messages"][-1]["content"]
-        with self.lock:
-            self.requests.append(request)
-            flip = next(self.flips) if prompt.startswith("flaky") else 0
-        if prompt.startswith("steady"):
-            answer = "low"
-        elif prompt.startswith("flaky"):
-            answer = "low" if flip % 2 == 0 else "high"  # a valid label, the wrong one
-        elif prompt.startswith("held"):
-            answer = "mid"
-        else:
-            answer = "banana"  # not a label at all: format and substance both lost
-        self._reply({"id": "x", "object": "chat.completion", "model": "tiny",
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": answer}}],
-                     "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+def _answer(prompt: str, index: int, flips: itertools.count[int]) -> str:
+    if prompt.startswith("steady"):
+        return "low"
+    if prompt.startswith("flaky"):
+        return "low" if next(flips) % 2 == 0 else "high"  # a valid label, the wrong one
+    if prompt.startswith("held"):
+        return "mid"
+    return "banana"  # not a label at all: format and substance both lost
 
 
 @pytest.fixture
-def model_server() -> Iterator[str]:
-    _ModelServer.requests = []
-    _ModelServer.flips = itertools.count()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ModelServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+def model_server() -> Iterator[ModelServer]:
+    flips = itertools.count()
+    with serve_model(lambda prompt, index: _answer(prompt, index, flips)) as server:
+        yield server
 
 
 def _home(root: Path, url: str) -> Path:
-    cluster = root / "home" / "repeats"
-    (cluster / "model").mkdir(parents=True)
-    (cluster / "cluster.toml").write_text(CLUSTER_TOML.format(url=url))
-    for name, text in (("core", CORE), ("held-out", HELD)):
-        (cluster / "scenarios" / name).mkdir(parents=True)
-        (cluster / "scenarios" / name / "s.yaml").write_text(text)
-    return root / "home"
+    return write_served_cluster(root / "home", "repeats", url, core=CORE, held_out=HELD)
 
 
 def _run_eval(daemon: DaemonProcess, params: dict[str, Any]) -> None:
-    started = daemon.call("eval.run", {"cluster": "repeats", **params})
-    job_id = started["job_id"] if "job_id" in started else started["jobId"]
-    deadline = time.monotonic() + 120
-    while True:
-        job = daemon.call("job.get", {"job_id": job_id})
-        state = job.get("state") or job["job"]["state"]
-        if state in ("succeeded", "failed", "cancelled"):
-            break
-        assert time.monotonic() < deadline, "the eval did not finish"
-        time.sleep(0.05)
-    assert state == "succeeded", job
+    job = run_eval_job(daemon, {"cluster": "repeats", **params})
+    assert (job.get("state") or job["job"]["state"]) == "succeeded", job
 
 
 def test_four_trials_at_temperature_one_record_every_trial_and_find_the_flaky_scenario(
-    short_tmp: Path, model_server: str
+    short_tmp: Path, model_server: ModelServer
 ) -> None:
-    home = _home(short_tmp, model_server)
+    home = _home(short_tmp, model_server.url)
     with start_daemon(home, no_engines=False) as daemon:
         _run_eval(daemon, {"tag": "four", "repeats": 4, "temperature": 1.0})
 
@@ -156,7 +87,7 @@ def test_four_trials_at_temperature_one_record_every_trial_and_find_the_flaky_sc
 
     assert sorted((line["scenario_id"], line["trial"]) for line in lines) == sorted(
         (sid, trial) for sid in ("steady", "flaky", "broken", "held") for trial in range(4))
-    sampled = [r for r in _ModelServer.requests if r["temperature"] == 1.0]
+    sampled = [r for r in model_server.requests if r["temperature"] == 1.0]
     assert len(sampled) == 16
     assert len({r["seed"] for r in sampled if r["messages"][-1]["content"].startswith("flaky")}) == 4
 
