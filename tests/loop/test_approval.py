@@ -17,7 +17,6 @@ from modelsmith.errors import NotFound, SignatureError, ValidationError
 from modelsmith.loop.records.approval import (
     NAMESPACE,
     VerifiedApproval,
-    digest_request_file,
     make_statement,
     verify_approval,
 )
@@ -348,12 +347,6 @@ def test_a_broken_allowed_signers_line_is_reported_with_its_line_number(
         _verify(statement, alice.sign(statement), allowed)
     assert caught.value.data["line"] == 4
     assert caught.value.data["file"] == str(allowed)
-
-
-def test_the_request_digest_is_the_sha256_of_the_request_file(tmp_path: Path) -> None:
-    request = tmp_path / "request.json"
-    request.write_bytes(b'{"request":"promote iter-3"}')
-    assert digest_request_file(request) == REQUEST_DIGEST
 
 
 def test_signing_with_a_missing_key_is_not_found(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ is imported only when a signature is verified.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import secrets
 from collections.abc import Container
@@ -46,7 +45,6 @@ __all__ = [
     "ApprovalStatement",
     "Decision",
     "VerifiedApproval",
-    "digest_request_file",
     "make_statement",
     "verify_approval",
 ]
@@ -101,11 +99,6 @@ def _parse_time(text: str) -> datetime | None:
     if moment.tzinfo is None:
         return None
     return moment
-
-
-def digest_request_file(path: Path) -> str:
-    """The ``request_digest`` of a promotion request record: sha256 hex of its file bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def make_statement(
