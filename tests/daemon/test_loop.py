@@ -116,6 +116,13 @@ def test_a_paused_loop_finishes_its_step_waits_and_resumes_where_it_was(served: 
                      policy="max_iterations = 1\n")
         with start_daemon(home, no_engines=False) as daemon:
             daemon.call("loop.start", {"cluster": "loop-pause"})
+            # Pause while the eval runs (a pause that comes before a step starts holds that step
+            # instead, which is right but not what this test is about).
+            deadline = time.monotonic() + LOOP_TIMEOUT_S
+            while not any(j["kind"] == "eval" and j["state"] == "running"
+                          for j in daemon.call("job.list", {"cluster": "loop-pause"})["jobs"]):
+                assert time.monotonic() < deadline, "the loop's eval never ran"
+                time.sleep(0.02)
             paused = daemon.call("loop.pause", {"cluster": "loop-pause"})
             assert paused["state"] == "paused"
             with pytest.raises(ConflictError):
