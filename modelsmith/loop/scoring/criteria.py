@@ -97,7 +97,10 @@ def _strip_punctuation(text: str) -> str:
         return text.translate(_ASCII_PUNCTUATION)
     import unicodedata  # only non-ASCII answers pay for it
 
-    return "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    # The ASCII set (symbols like "+" included) and Unicode punctuation: the same answer whether
+    # or not the text happens to hold a non-ASCII character, so normalising twice changes nothing.
+    return "".join(ch for ch in text
+                   if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
 
 
 def normalize_text(
