@@ -85,12 +85,14 @@ class ClusterRuntime:
 
     @property
     def last_summary(self) -> EvalSummary | None:
-        """The summary file of the last finished eval (read once per tag)."""
+        """The summary file of the last finished eval, read once per tag (a missing or bad file
+        too: status is served on the event loop and must not re-read it on every call; the
+        summary is written before its eval.finished, so a later tag is a later file)."""
         tag = self.state.last_eval_tag
         if tag is None:
             return None
         cached = self._summary_cache
-        if cached is None or cached[0] != tag or cached[1] is None:
+        if cached is None or cached[0] != tag:
             path = self.cluster.evals_dir() / tag / "summary.json"
             try:
                 summary: EvalSummary | None = msgspec.json.decode(path.read_bytes(), type=EvalSummary)
