@@ -78,7 +78,7 @@ class Daemon:
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
-        self.fleet = Fleet(self.home)
+        self.fleet = Fleet(self.home, judge_engines=frozenset(self.config.engines))
         self.engines = EnginePool()
         # [engines.NAME]: a vLLM one is the pool's (one warm engine per base model, shared
         # with the clusters on it); OpenAI-compatible ones the registry runs itself.

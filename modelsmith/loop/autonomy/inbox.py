@@ -270,7 +270,8 @@ def _ingest(runtime: ClusterRuntime, path: Path) -> DropOutcome:
             file=name,
         )
     limit = prompt_byte_limit(runtime.cluster.config.model.max_model_len)
-    located = parse_scenarios_located(data, filename=name, max_prompt_bytes=limit)
+    located = parse_scenarios_located(data, filename=name, max_prompt_bytes=limit,
+                                      judge_engines=runtime.judge_engines)
     scenarios = [scenario for scenario, _ in located]
     sets = {s.set for s in scenarios}
     if len(sets) != 1:

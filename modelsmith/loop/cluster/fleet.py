@@ -49,6 +49,7 @@ class ClusterRuntime:
     scenario_versions: dict[str, str] = field(default_factory=dict)
     status_error: str | None = None
     inbox_left: dict[str, str] = field(default_factory=dict)  # drops that could not be moved
+    judge_engines: frozenset[str] | None = None  # names a judge may use besides "cluster"
     ledger: Ledger | None = None
     catalog: ScenarioCatalog | None = None
     state: ClusterState = field(default_factory=ClusterState)
@@ -174,13 +175,19 @@ class ClusterRuntime:
         self.ledger = ledger
         self.reload_scenarios()
 
+    def read_catalog(self) -> ScenarioCatalog:
+        """The governed sets as the files hold them now, under this cluster's limits (prompt
+        bytes for its ``max_model_len``, the judge engines the daemon knows). Blocking."""
+        return load_catalog(
+            self.cluster.scenarios_dir,
+            max_prompt_bytes=prompt_byte_limit(self.cluster.config.model.max_model_len),
+            judge_engines=self.judge_engines)
+
     def reload_scenarios(self) -> list[str]:
         """Load the governed sets; a changed set version becomes a ledger event. Returns changed sets."""
         self.require_ledger()
         try:
-            catalog = load_catalog(
-                self.cluster.scenarios_dir,
-                max_prompt_bytes=prompt_byte_limit(self.cluster.config.model.max_model_len))
+            catalog = self.read_catalog()
         except ModelsmithError as exc:
             self.status_error = f"scenario sets do not load: {exc.message}"
             return []
@@ -231,14 +238,19 @@ class ClusterRuntime:
 
 
 class Fleet:
-    def __init__(self, home: Path) -> None:
+    """``judge_engines``: the named engines a scenario's judge may name (besides ``cluster``);
+    None accepts any name (a fleet opened without the daemon's config)."""
+
+    def __init__(self, home: Path, *, judge_engines: frozenset[str] | None = None) -> None:
         self.home = home
+        self.judge_engines = judge_engines
         self.runtimes: dict[str, ClusterRuntime] = {}
         self.problems: list[ClusterProblem] = []
 
     def discover(self) -> None:
         clusters, self.problems = discover_clusters(self.home)
-        self.runtimes = {name: ClusterRuntime(cluster=c) for name, c in clusters.items()}
+        self.runtimes = {name: ClusterRuntime(cluster=c, judge_engines=self.judge_engines)
+                         for name, c in clusters.items()}
 
     def get(self, name: str) -> ClusterRuntime:
         try:

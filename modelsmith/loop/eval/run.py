@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -432,7 +432,9 @@ def trial_sampling(sampling: Any, plan: EvalPlan, trial: int) -> Any:
 
 
 def has_judge(s: Scenario) -> bool:
-    return any(getattr(c, "type", None) == "llm_judge" for c in s.rubric.criteria)
+    """Whether a criterion of ``s`` asks a judge (msgspec keeps the ``type`` tag off the
+    instances: ask the rubric, never ``getattr(c, "type")``)."""
+    return bool(s.rubric.judge_indices())
 
 
 def pending_trials(scenarios: Sequence[Scenario], done: Sequence[ScenarioResult], repeats: int
@@ -461,10 +463,20 @@ def answers_of(engine: Any, prompts: Sequence[Any], sampling: Any, adapter: str 
 async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: Any,
                      todo: Sequence[Scenario], trial: int, writer: ResultsWriter,
                      results: list[ScenarioResult], total: int, adapter_name: str | None,
-                     judge: Any = None, limiter: anyio.CapacityLimiter | None = None) -> None:
+                     judges: Mapping[str, Any] | None = None,
+                     limiter: anyio.CapacityLimiter | None = None) -> None:
     """Generate, score and write one trial of ``todo``: plain scenarios batched, judged ones
-    one by one (their judge calls go to ``judge``, default the answering engine)."""
-    judge_engine = engine if judge is None else judge
+    one by one (each judge criterion asks the engine its ``engine`` names in ``judges``; a name
+    missing there is a judge failure)."""
+    held = dict(judges or {})
+
+    def judge_call(judge_engine: Any) -> Callable[[str], Awaitable[str]]:
+        async def call(text: str) -> str:
+            verdict = await judge_engine.generate(text, sampling)
+            return str(verdict.text)
+        return call
+
+    judge_fns = {name: judge_call(judge_engine) for name, judge_engine in held.items()}
     plain = [s for s in todo if not has_judge(s)]
     judged = [s for s in todo if has_judge(s)]
     strip = runtime.cluster.config.scoring.strip_reasoning
@@ -496,13 +508,8 @@ async def _run_trial(runtime: ClusterRuntime, job: Job, engine: Any, sampling: A
             async with limiter:
                 completion = await engine.generate(prompt_messages(s), sampling, adapter=adapter_name)
         _, answer, finish, tokens, reasoning = read_answer(s, completion, strip)
-
-        async def judge_fn(text: str) -> str:
-            verdict = await judge_engine.generate(text, sampling)
-            return str(verdict.text)
-
         try:
-            rs = await score_with_judge(s.rubric, answer, s.reference, prompt_text=prompt_text(s), judge=judge_fn)
+            rs = await score_with_judge(s.rubric, answer, s.reference, prompt_text=prompt_text(s), judge=judge_fns)
         except Exception as exc:
             log.warning("scoring failed", scenario=s.id, error=type(exc).__name__)
             rs = scoring_failure(s, exc)
@@ -521,13 +528,14 @@ async def execute_eval(
     *,
     baseline: tuple[str, list[ScenarioResult]] | None,
     adapter_name: str | None = None,
-    judge: Any = None,
+    judges: Mapping[str, Any] | None = None,
     prices: EnginePrices | None = None,
 ) -> EvalSummary:
     """Run ``plan`` on ``engine``; results stream to disk; returns the summary (also on disk).
 
     ``plan.workers`` > 0 caps the requests in flight (one CapacityLimiter for the eval); 0 sends
-    them all at once. ``judge`` answers ``llm_judge`` criteria (default: ``engine``).
+    them all at once. ``judges`` maps the engine names judge criteria use to engines (see
+    :mod:`modelsmith.loop.eval.judges`); without them every judge criterion is a judge failure.
     """
     directory = eval_dir(runtime, plan.tag)
     results_path = directory / RESULTS_FILE
@@ -553,7 +561,7 @@ async def execute_eval(
         for trial, scenarios in enumerate(todo):
             if scenarios:
                 await _run_trial(runtime, job, engine, trial_sampling(sampling, plan, trial), scenarios,
-                                 trial, writer, results, total, adapter_name, judge, limiter)
+                                 trial, writer, results, total, adapter_name, judges, limiter)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(writer.close)

@@ -17,13 +17,13 @@ from modelsmith.hashing import sha256_hex
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.aggregate import by_scenario
 from modelsmith.loop.eval.answers import eval_sampling
+from modelsmith.loop.eval.judges import hold_named, judge_engine_names, judge_engines
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     EvalPlan,
     check_tag,
     eval_dir,
     execute_eval,
-    has_judge,
     read_results,
     read_summary,
     read_trials,
@@ -216,8 +216,9 @@ class EvalService:
                         require_not_failed(runtime, plan.adapter)  # its canaries failed: not served
                         adapter_name = await self.engines.ensure_adapter(runtime.cluster.name, plan.adapter, plan.adapter_path)
                     sampling = eval_sampling(runtime.cluster)
-                    summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
-                                                 adapter_name=adapter_name)
+                    async with self._judges(runtime, plan) as judges:
+                        summary = await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
+                                                     adapter_name=adapter_name, judges=judges)
             summary_bytes = await anyio.Path(eval_dir(runtime, plan.tag) / "summary.json").read_bytes()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -242,24 +243,22 @@ class EvalService:
     async def _run_named(self, job: Job, runtime: ClusterRuntime, engine: Engine, plan: EvalPlan,
                          baseline: tuple[str, list[Any]] | None) -> EvalSummary:
         """The governed set on a named engine: held awake through the pool when the pool runs
-        it (a vLLM one), else waited for (bounded: ``named_ready_s``); judged by the cluster's
-        own engine when a scenario has an ``llm_judge`` criterion, so scoring is the same."""
+        it (a vLLM one), else waited for (bounded: ``named_ready_s``; an OpenAI-compatible
+        server that does not answer fails the eval, not the daemon); judged by the engines its
+        judge criteria name, as any eval of the cluster, so scoring is the same."""
         assert plan.engine is not None
         sampling = eval_sampling(runtime.cluster)
         async with contextlib.AsyncExitStack() as stack:
-            gate = self.engines.named_gate(plan.engine)
-            if gate is not None:
-                engine = await stack.enter_async_context(gate.serving(self.engines.wait_awake_s))
-            else:
-                # An OpenAI-compatible server that does not answer within one request's bound
-                # fails the eval (EngineError), not the daemon.
-                timeout = self.named.request_timeout(plan.engine) or self.named_ready_s
-                await engine.wait_ready(min(self.named_ready_s, timeout))
-            judge = None
-            if any(has_judge(s) for s in plan.scenarios):
-                judge = await stack.enter_async_context(self.engines.serving(runtime.cluster.name))
+            engine = await hold_named(stack, self.engines, self.named, plan.engine,
+                                      ready_s=self.named_ready_s)
+            judges = await stack.enter_async_context(self._judges(runtime, plan))
             return await execute_eval(runtime, plan, job, engine, sampling, baseline=baseline,
-                                      judge=judge, prices=self.named.prices(plan.engine))
+                                      judges=judges, prices=self.named.prices(plan.engine))
+
+    def _judges(self, runtime: ClusterRuntime, plan: EvalPlan) -> contextlib.AbstractAsyncContextManager[dict[str, Engine]]:
+        """The engines the plan's judge criteria name, held ready for the eval."""
+        return judge_engines(self.engines, self.named, runtime.cluster.name,
+                             judge_engine_names(plan.scenarios), ready_s=self.named_ready_s)
 
 
     # -- RPC ------------------------------------------------------------------------------
@@ -329,13 +328,13 @@ class EvalService:
         error = None
         if reload:
             try:
-                from modelsmith.loop.scoring.scenarios import load_catalog
-
-                load_catalog(runtime.cluster.scenarios_dir)
+                runtime.read_catalog()
             except ModelsmithError as exc:
                 error = error_envelope(exc)
             else:
                 changed = runtime.reload_scenarios()
+        if error is not None and runtime.catalog is None:  # nothing loaded yet: say why
+            return ScenarioSets(cluster=cluster, ok=False, sets=[], changed=[], error=error)
         catalog = runtime.require_catalog()
         recorded_versions = dict(runtime.state.scenario_versions)
         sets = [

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -49,6 +49,7 @@ from modelsmith.loop.scoring.yaml_lines import file_error as _error
 
 __all__ = [
     "BYTES_PER_TOKEN",
+    "JUDGE_CLUSTER_ENGINE",
     "MAX_PROMPT_BYTES",
     "MAX_SCENARIO_FILE_BYTES",
     "SCENARIO_SUFFIXES",
@@ -70,8 +71,8 @@ __all__ = [
     "set_version",
 ]
 
-SetName = Literal["core", "held-out"]
-SET_NAMES: Final[tuple[SetName, ...]] = ("core", "held-out")
+SetName = Literal["core", "held-out", "synthetic"]
+SET_NAMES: Final[tuple[SetName, ...]] = ("core", "held-out", "synthetic")
 SCENARIO_SUFFIXES: Final = (".yaml", ".yml", ".jsonl")
 
 #: A scenario file larger than this is refused by its size, before it is read or parsed.
@@ -285,8 +286,39 @@ def _read_jsonl(text: str, filename: str) -> Iterator[_RawScenario]:
         index += 1
 
 
+JUDGE_CLUSTER_ENGINE: Final = "cluster"
+"""The ``engine`` of a judge criterion that asks the cluster's own engine (its base model)."""
+
+
+def _check_judge_engines(
+    scenario: Scenario, raw: _RawScenario, filename: str, judge_engines: Collection[str]
+) -> None:
+    """Every criterion that names an ``engine`` must name a known one (or ``cluster``)."""
+    for index, criterion in enumerate(scenario.rubric.criteria):
+        name = getattr(criterion, "engine", None)
+        if not isinstance(name, str) or name == JUDGE_CLUSTER_ENGINE or name in judge_engines:
+            continue
+        known = sorted({JUDGE_CLUSTER_ENGINE, *judge_engines})
+        field_path = f"scenarios[{raw.index}].rubric.criteria[{index}].engine"
+        raise _error(
+            "unknown_engine",
+            f"no engine {name!r}: a judge names one of {', '.join(known)} "
+            "([engines.NAME] in modelsmith.toml, or cluster for the cluster's own engine)",
+            file=filename,
+            line=raw.line_of(field_path),
+            field=field_path,
+            engine=name,
+            known=known,
+        )
+
+
 def _parse_with_lines(
-    data: bytes, *, filename: str, default_set: str | None, max_prompt_bytes: int | None = None
+    data: bytes,
+    *,
+    filename: str,
+    default_set: str | None,
+    max_prompt_bytes: int | None = None,
+    judge_engines: Collection[str] | None = None,
 ) -> list[tuple[Scenario, int | None]]:
     _check_file_size(len(data), filename)
     prompt_limit = MAX_PROMPT_BYTES if max_prompt_bytes is None else max_prompt_bytes
@@ -353,6 +385,8 @@ def _parse_with_lines(
                 first_file=filename,
                 first_line=first_seen[scenario.id],
             )
+        if judge_engines is not None:
+            _check_judge_engines(scenario, raw, filename, judge_engines)
         first_seen[scenario.id] = raw.line
         parsed.append((scenario, raw.line))
     return parsed
@@ -380,16 +414,20 @@ def parse_scenarios(
     filename: str,
     default_set: str | None = None,
     max_prompt_bytes: int | None = None,
+    judge_engines: Collection[str] | None = None,
 ) -> list[Scenario]:
     """Decode one scenario file's bytes (YAML or JSONL, by ``filename``'s suffix).
 
     ``default_set`` is the set of the folder the file lives in: it fills an omitted ``set`` and a
     different ``set`` is refused. ``max_prompt_bytes`` bounds each prompt (default
     :data:`MAX_PROMPT_BYTES`; a cluster passes :func:`prompt_byte_limit` of its
-    ``max_model_len``). Raises ValidationError naming file, line and field.
+    ``max_model_len``). ``judge_engines``, when given, are the engine names a judge criterion
+    may use besides ``cluster``; another is refused (``unknown_engine``, with the known ones).
+    Raises ValidationError naming file, line and field.
     """
     parsed = _parse_with_lines(
-        data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes
+        data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes,
+        judge_engines=judge_engines,
     )
     return [s for s, _ in parsed]
 
@@ -400,10 +438,12 @@ def parse_scenarios_located(
     filename: str,
     default_set: str | None = None,
     max_prompt_bytes: int | None = None,
+    judge_engines: Collection[str] | None = None,
 ) -> list[tuple[Scenario, int | None]]:
     """:func:`parse_scenarios`, each scenario with the line it starts at (None where unknown)."""
     return _parse_with_lines(
-        data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes
+        data, filename=filename, default_set=default_set, max_prompt_bytes=max_prompt_bytes,
+        judge_engines=judge_engines,
     )
 
 
@@ -458,7 +498,7 @@ class ScenarioCatalog:
 
     def __post_init__(self) -> None:
         sets = dict(self.sets)
-        for name in SET_NAMES:
+        for name in SET_NAMES[:2]:  # "synthetic" is a set only where its folder exists
             sets.setdefault(name, ScenarioSet.of(name, ()))
         object.__setattr__(self, "sets", sets)
         by_id: dict[str, Scenario] = {}
@@ -515,10 +555,15 @@ def _set_files(folder: Path) -> list[Path]:
     )
 
 
-def load_catalog(scenarios_dir: Path, *, max_prompt_bytes: int | None = None) -> ScenarioCatalog:
+def load_catalog(
+    scenarios_dir: Path,
+    *,
+    max_prompt_bytes: int | None = None,
+    judge_engines: Collection[str] | None = None,
+) -> ScenarioCatalog:
     """Load ``<cluster>/scenarios/{core,held-out}/*``: all files or none.
 
-    ``max_prompt_bytes`` as for :func:`parse_scenarios`.
+    ``max_prompt_bytes`` and ``judge_engines`` as for :func:`parse_scenarios`.
 
     A missing set folder is an empty set; a missing ``scenarios_dir`` is NotFound. Any bad file,
     or an id used twice anywhere, raises ValidationError and returns nothing.
@@ -529,6 +574,8 @@ def load_catalog(scenarios_dir: Path, *, max_prompt_bytes: int | None = None) ->
     where_seen: dict[str, tuple[str, int | None]] = {}
     sets: dict[str, ScenarioSet] = {}
     for set_name in SET_NAMES:
+        if set_name == "synthetic" and not (scenarios_dir / set_name).is_dir():
+            continue
         members: list[Scenario] = []
         files: list[str] = []
         for path in _set_files(scenarios_dir / set_name):
@@ -538,6 +585,7 @@ def load_catalog(scenarios_dir: Path, *, max_prompt_bytes: int | None = None) ->
                 filename=filename,
                 default_set=set_name,
                 max_prompt_bytes=max_prompt_bytes,
+                judge_engines=judge_engines,
             )
             for index, (scenario, line) in enumerate(parsed):
                 if scenario.id in where_seen:
