@@ -44,6 +44,12 @@ from modelsmith.gpu.trainer_control import (
     is_non_finite,
     take_over_stdout,
 )
+from modelsmith.gpu.trainer_reward import (
+    JudgeClients,
+    RewardScorer,
+    check_judges,
+    make_reward_function,
+)
 from modelsmith.gpu.trainer_rollouts import RolloutBackend
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
@@ -175,54 +181,6 @@ def _build_dataset(spec: TrainJobSpec, prompts: list[str], scenarios: list[Any])
     return Dataset.from_dict({"prompt": prompts * copies, "scenario_id": ids * copies})
 
 
-def make_prompt_scorer(
-    prompts: list[str], scenarios: list[Any]
-) -> Any:
-    """(rendered prompt, completion) -> rubric score, for the rollout sampler's resampling."""
-    from modelsmith.loop.scoring.rubric import score
-
-    by_prompt: dict[str, Any] = {}
-    for text, scenario in zip(prompts, scenarios, strict=True):
-        by_prompt.setdefault(text, scenario)  # identical prompts: the first rubric decides
-
-    def score_completion(prompt: str, completion: str) -> float:
-        scenario = by_prompt[prompt]
-        return float(score(scenario.rubric, completion, scenario.reference).score)
-
-    return score_completion
-
-
-def make_reward_function(scenarios: list[Any], stop: StopState) -> Any:
-    """The rubric as a TRL reward function; the dataset's ``scenario_id`` column picks the rubric."""
-    from modelsmith.loop.scoring.rubric import score
-
-    by_id = {scenario.id: scenario for scenario in scenarios}
-
-    def rubric_reward(
-        completions: list[Any],
-        scenario_id: list[str],
-        rubric_rewards: list[float] | None = None,
-        **_: Any,
-    ) -> list[float | None]:
-        rewards: list[float | None] = []
-        for index, (completion, sid) in enumerate(zip(completions, scenario_id, strict=True)):
-            if rubric_rewards is not None:
-                # Scored already by the rollout sampler (the same rubric on the same text).
-                value = float(rubric_rewards[index])
-            else:
-                scenario = by_id[sid]
-                text = completion if isinstance(completion, str) else completion[-1]["content"]
-                value = float(score(scenario.rubric, text, scenario.reference).score)
-            if not math.isfinite(value):
-                # TRL averages NaN rewards away; we must notice them ourselves.
-                stop.non_finite_reward = f"reward {value} for scenario {sid}"
-            rewards.append(value)
-        return rewards
-
-    rubric_reward.__name__ = "rubric"
-    return rubric_reward
-
-
 def _checkpoint_step(checkpoint: Path) -> int:
     try:
         state = msgspec.json.decode((checkpoint / "trainer_state.json").read_bytes())
@@ -244,9 +202,8 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def _make_callbacks(
-    spec: TrainJobSpec, events: EventWriter, stop: StopState, model: Any, rollouts: Any
-) -> list[Any]:
+def _make_callbacks(spec: TrainJobSpec, events: EventWriter, stop: StopState, model: Any,
+                    rollouts: Any, scorer: RewardScorer) -> list[Any]:
     import torch
     from transformers import TrainerCallback
 
@@ -312,6 +269,7 @@ def _make_callbacks(
                     zero_variance_first_draw_share=drawn.uniform_first_draw_share,
                     extra_rollouts=drawn.extra_rollouts,
                     rollout_tokens_per_second=rate,
+                    judge_failure_share=scorer.take_judge_failure_share(),
                 )
             )
             bad = [k for k in ("loss", "reward", "grad_norm", "kl") if is_non_finite(logs.get(k))]
@@ -361,6 +319,9 @@ def run(spec: TrainJobSpec, events: EventWriter, stop: StopState) -> int:
         rollouts = held.pop("rollouts", None)
         if rollouts is not None:
             rollouts.close()
+        judges = held.pop("judges", None)
+        if judges is not None:
+            judges.close()
         held.clear()  # the trainer, model and optimiser: their last references
         import gc
 
@@ -435,9 +396,14 @@ def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[
         use_cpu=device == "cpu",
         bf16=bf16,
     )
+    judges = JudgeClients(spec.judges)
+    held["judges"] = judges
+    judges.start()  # EngineError when a judge does not answer: no training on a dead judge
+    scorer = RewardScorer(prompts, scenarios, judges)
     rollouts = RolloutSampler(
         backend=_rollout_backend(spec, device),
-        score=make_prompt_scorer(prompts, scenarios),
+        score=scorer.score_one,
+        score_many=scorer.score_many,
         tokenizer=tokenizer,
         group_size=g.num_generations,
         max_completion_length=g.max_completion_length,
@@ -460,7 +426,7 @@ def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[
     held["rollouts"] = rollouts
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=make_reward_function(scenarios, stop),
+        reward_funcs=make_reward_function(scorer, stop),
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -470,7 +436,7 @@ def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[
     held["trainer"] = trainer
     del model
     trained: Any = trainer.model
-    for callback in _make_callbacks(spec, events, stop, trained, rollouts):
+    for callback in _make_callbacks(spec, events, stop, trained, rollouts, scorer):
         trainer.add_callback(callback)
     rollouts.start()  # the engine's start is set-up, not a step
 
@@ -581,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spec = load_and_check_spec(Path(args[0]))
             # Scenario decoding is cheap (no torch): a bad scenario is a bad spec, not a failure.
-            decode_scenarios(spec)
+            check_judges(decode_scenarios(spec), spec.judges)
         except ModelsmithError as exc:
             print(f"bad spec: {exc} {exc.data}", file=sys.stderr)
             events.emit(TrainerFailed(error="bad_spec", detail=f"{exc.name}: {exc}"))

@@ -102,9 +102,12 @@ class RolloutSampler:
         max_model_len: int,
         gpu_memory_utilization: float,
         seed: int,
+        score_many: Callable[[list[str], list[str]], list[float]] | None = None,
     ) -> None:
         self.backend = backend
         self.score = score  # (rendered prompt, completion text) -> reward
+        # The same for a whole batch at once (judges are asked for the batch together).
+        self.score_many = score_many
         self.tokenizer = tokenizer
         self.group_size = group_size
         self.max_completion_length = max_completion_length
@@ -206,6 +209,8 @@ class RolloutSampler:
     # -- TRL's rollout_func -----------------------------------------------------------------
     def _rewards(self, prompts: list[str], completion_ids: list[list[int]]) -> list[float]:
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        if self.score_many is not None:
+            return self.score_many(list(prompts), list(texts))
         return [self.score(p, t) for p, t in zip(prompts, texts, strict=True)]
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:

@@ -48,6 +48,7 @@ __all__ = [
     "AdapterSaved",
     "ConvergenceSpec",
     "GrpoSpec",
+    "JudgeEndpoint",
     "LoraSpec",
     "RolloutSpec",
     "StopReason",
@@ -133,6 +134,30 @@ class ConvergenceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     min_steps: int = 20
 
 
+class JudgeEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An ``llm_judge`` engine the child asks for rewards: an OpenAI-compatible HTTP server.
+
+    Keyed in :attr:`TrainJobSpec.judges` by the criterion's ``engine`` name. ``api_key_env`` is
+    the *name* of the environment variable the child reads the key from at each request: the
+    key itself never goes into the spec file. ``temperature``/``max_tokens`` are how the eval
+    asks the judge, so the reward reads the judge as the eval does. The child sends one step's
+    judge requests together (at most ``max_concurrency`` in flight); each attempt is bounded by
+    ``timeout_s`` and the whole batch by ``batch_timeout_s``; a request unanswered by then is a
+    judge failure for that completion (see :mod:`modelsmith.gpu.trainer_reward`).
+    """
+
+    url: str
+    model: str
+    api_key_env: str | None = None
+    timeout_s: float = 60.0
+    batch_timeout_s: float = 300.0
+    max_concurrency: int = 16
+    max_retries: int = 2
+    retry_max_delay_s: float = 10.0
+    temperature: float = 0.0
+    max_tokens: int = 256
+
+
 class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One GRPO job. Paths are local; ``scenarios`` are scenario objects as plain dicts.
 
@@ -158,6 +183,8 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     bf16: bool | None = None
     # ``[model] chat_template_kwargs``: prompts are rendered as the engine renders them.
     chat_template_kwargs: dict[str, bool | int | float | str] = {}
+    # The judges the reward asks, by the ``engine`` name of the rubrics' llm_judge criteria.
+    judges: dict[str, JudgeEndpoint] = {}
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, why) for each value that cannot run; empty when the spec is usable."""
@@ -207,6 +234,19 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             found.append(("scenarios", "a training job needs at least one scenario"))
         if not self.lora.target_modules:
             found.append(("lora.target_modules", "must name at least one module"))
+        for name, judge in sorted(self.judges.items()):
+            for field, value in (("timeout_s", judge.timeout_s),
+                                 ("batch_timeout_s", judge.batch_timeout_s)):
+                if not math.isfinite(value) or value <= 0:
+                    found.append((f"judges.{name}.{field}", "must be a finite number > 0"))
+            if judge.max_concurrency < 1:
+                found.append((f"judges.{name}.max_concurrency", "must be >= 1"))
+            if judge.max_retries < 0:
+                found.append((f"judges.{name}.max_retries", "must be >= 0"))
+            if judge.max_tokens < 1:
+                found.append((f"judges.{name}.max_tokens", "must be >= 1"))
+            if not math.isfinite(judge.temperature) or judge.temperature < 0:
+                found.append((f"judges.{name}.temperature", "must be a finite number >= 0"))
         return found
 
 
@@ -241,6 +281,10 @@ class TrainerMetric(msgspec.Struct, frozen=True, tag="metric", tag_field="event"
     zero_variance_first_draw_share: float | None = None
     extra_rollouts: int = 0
     rollout_tokens_per_second: float | None = None
+    # Share of the rewards computed since the last metric whose rubric had a judge failure
+    # (no usable verdict: the judge criterion counted for nothing); None when no reward was
+    # computed or no rubric of the job has a judge.
+    judge_failure_share: float | None = None
 
 
 class TrainerCheckpoint(msgspec.Struct, frozen=True, tag="checkpoint", tag_field="event"):

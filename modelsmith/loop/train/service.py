@@ -51,6 +51,7 @@ from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.loop.records.events import IterationAdvanced, TrainFailed, failure_of
 from modelsmith.loop.records.events import TrainStarted as TrainStartedEvent
 from modelsmith.loop.train.hot_load import load_verified
+from modelsmith.loop.train.reward_judges import reward_judges
 from modelsmith.loop.train.training_set import build_manifest, select_training_scenarios
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
@@ -162,6 +163,9 @@ class TrainService:
         )
         spec = self.spec_for(runtime, params, job_id, iteration,
                              [msgspec.to_builtins(s) for s in chosen], init_adapter, resume)
+        # The reward asks the eval's judges, or nothing trains (JudgeUnreachable names why).
+        spec = msgspec.structs.replace(
+            spec, judges=reward_judges(chosen, runtime.cluster, self.evals.named))
         problems = spec.problems()
         if problems:
             from modelsmith.errors import ValidationError
