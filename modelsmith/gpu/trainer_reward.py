@@ -13,11 +13,14 @@ Resources and their handling: :class:`JudgeClients` runs one
 per-engine concurrency limit, the API key read from its variable at each request) on an event
 loop in a background thread (an anyio blocking portal), started before the first step and
 stopped, shielded and bounded, by :meth:`JudgeClients.close`. One generation batch's judge
-requests go out together (:meth:`RewardScorer.score_many`); each judge's share of the batch is
-bounded by its ``batch_timeout_s``; a request still unanswered then is a judge failure for that
-completion (the rubric leaves the criterion out of the mean, as in an eval). Successful
-verdicts are cached by (judge, rendered judge prompt) - the prompt holds the completion, the
-reference and the template - so a completion drawn twice is judged once.
+requests go out together (:meth:`RewardScorer.score_many`), each completion scored by
+:func:`~modelsmith.loop.scoring.rubric.score_with_judge`, the eval's own function, so every judge
+kind's reply is read exactly as the eval reads it. Each judge's share of the batch is bounded by
+its ``batch_timeout_s``; a request still unanswered then is a judge failure for that completion
+(the rubric leaves the criterion out of the mean, as in an eval). Replies are cached by (judge,
+rendered judge prompt) - the prompt holds the completion, the reference and the template - so a
+completion drawn twice is judged once (a malformed reply too: the judge said it); a call that
+failed (transport, timeout) is not cached.
 
 Judge failures are counted per reward: :meth:`RewardScorer.take_judge_failure_share` is what the
 ``metric`` event reports as ``judge_failure_share``.
@@ -52,11 +55,10 @@ READY_TIMEOUT_S = 60.0
 def check_judges(scenarios: Sequence[Any], judges: Mapping[str, JudgeEndpoint]) -> None:
     """Every ``llm_judge`` criterion of the spec's scenarios names a judge of the spec; raises
     ValidationError (the child's ``bad_spec``) naming the scenario and criterion otherwise."""
-    from modelsmith.loop.scoring.criteria import LlmJudgeCriterion
-
     for position, scenario in enumerate(scenarios):
-        for index, criterion in enumerate(scenario.rubric.criteria):
-            if isinstance(criterion, LlmJudgeCriterion) and criterion.engine not in judges:
+        for index in scenario.rubric.judge_indices():
+            criterion = scenario.rubric.criteria[index]
+            if criterion.engine not in judges:
                 raise ValidationError(
                     f"scenario {scenario.id}: criterion {criterion.label!r} asks judge "
                     f"{criterion.engine!r}, which the job spec does not describe",
@@ -74,6 +76,11 @@ class JudgeClients:
         self._portal: Any = None
         self._engines: dict[str, Any] = {}
         self._runs: list[Future[Any]] = []
+        # Judge replies by (judge, prompt text): the text holds the completion, the reference
+        # and the template, so the same completion is judged once per job.
+        self.cache: dict[str, str] = {}
+        self.calls = 0
+        self.cache_hits = 0
 
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         """Run every judge's engine and wait until each answers (EngineError if one does not
@@ -98,40 +105,71 @@ class JudgeClients:
         for name, engine in self._engines.items():
             self._portal.call(engine.wait_ready, min(ready_timeout_s, self.judges[name].timeout_s))
 
-    def ask_many(self, requests: Sequence[tuple[str, str]]) -> list[str | Exception]:
-        """Each (judge name, prompt text) asked at once; its reply text or the exception."""
-        if not requests:
+    def score_batch(self, items: Sequence[tuple[Any, str, str | None, str]]) -> list[Any]:
+        """Each (rubric, response, reference, prompt text) scored by :func:`score_with_judge`
+        (the eval's own function), all at once; a list of ``RubricScore``."""
+        if not items:
             return []
         if self._portal is None:
             raise EngineError("the judges are not running", data={"reason": "not_started"})
-        result: list[str | Exception] = self._portal.call(self._ask_many, list(requests))
+        result: list[Any] = self._portal.call(self._score_batch, list(items))
         return result
 
-    async def _ask_many(self, requests: list[tuple[str, str]]) -> list[str | Exception]:
+    async def _score_batch(self, items: list[tuple[Any, str, str | None, str]]) -> list[Any]:
+        import anyio
+
+        from modelsmith.loop.scoring.rubric import score_with_judge
+
+        results: list[Any] = [None] * len(items)
+        started = anyio.current_time()
+        locks: dict[str, anyio.Lock] = {}
+
+        def call_for(name: str) -> Any:
+            async def call(text: str) -> str:
+                return await self._ask(name, text, started, locks)
+            return call
+
+        calls = {name: call_for(name) for name in self.judges}
+
+        async def one(row: int, rubric: Any, response: str, reference: str | None,
+                      prompt: str) -> None:
+            results[row] = await score_with_judge(rubric, response, reference, prompt_text=prompt,
+                                                  judge=calls)
+
+        async with anyio.create_task_group() as tg:
+            for row, item in enumerate(items):
+                tg.start_soon(one, row, *item)
+        return results
+
+    async def _ask(self, name: str, text: str, started: float, locks: dict[str, Any]) -> str:
+        """One judge reply: from the cache, or asked (once per batch for the same text) within
+        what is left of the judge's batch bound; raises on failure (a judge failure)."""
         import anyio
 
         from modelsmith.gpu.engine import Sampling
 
-        replies: list[str | Exception | None] = [None] * len(requests)
-        started = anyio.current_time()
-
-        async def ask(index: int, name: str, text: str) -> None:
+        key = hashlib.sha256(f"{name}\0{text}".encode()).hexdigest()
+        async with locks.setdefault(key, anyio.Lock()):
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.cache_hits += 1
+                return cached
             judge = self.judges[name]
+            left = started + judge.batch_timeout_s - anyio.current_time()
+            if left <= 0:
+                raise TimeoutError(f"no verdict within the batch bound of {judge.batch_timeout_s:g} s")
             sampling = Sampling(temperature=judge.temperature, max_tokens=judge.max_tokens)
-            with anyio.CancelScope(deadline=started + judge.batch_timeout_s):
-                try:
-                    replies[index] = (await self._engines[name].generate(text, sampling)).text
-                except Exception as exc:  # the judge's failure, never the model's
-                    replies[index] = exc
-
-        async with anyio.create_task_group() as tg:
-            for index, (name, text) in enumerate(requests):
-                tg.start_soon(ask, index, name, text)
-        return [
-            reply if reply is not None else TimeoutError(
-                f"no verdict within the batch bound of {self.judges[name].batch_timeout_s:g} s")
-            for reply, (name, _) in zip(replies, requests, strict=True)
-        ]
+            try:
+                with anyio.fail_after(left):
+                    reply: str = (await self._engines[name].generate(text, sampling)).text
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no verdict within the batch bound of {judge.batch_timeout_s:g} s") from None
+            self.calls += 1
+            if len(self.cache) >= CACHE_LIMIT:
+                self.cache.clear()
+            self.cache[key] = reply
+            return reply
 
     def close(self) -> None:
         """Stop the engines (each closes its client, shielded and bounded) and the loop."""
@@ -161,10 +199,7 @@ class RewardScorer:
         self.by_id = {scenario.id: scenario for scenario in scenarios}
         self.judges = judges
         self.has_judges = any(s.rubric.judge_indices() for s in scenarios)
-        self.cache: dict[str, Any] = {}
         self.counts = _Counts()
-        self.judge_calls = 0
-        self.cache_hits = 0
 
     def score_one(self, prompt: str, completion: str) -> float:
         return self.score_many([prompt], [completion])[0]
@@ -178,11 +213,21 @@ class RewardScorer:
 
     def score_scenarios(self, scenarios: Sequence[Any], completions: Sequence[str]) -> list[float]:
         from modelsmith.loop.scoring.rubric import score
+        from modelsmith.loop.scoring.scenarios import prompt_text
 
-        verdicts = self._verdicts(scenarios, completions)
+        judged = [row for row, s in enumerate(scenarios) if s.rubric.judge_indices()]
+        results: list[Any] = [None] * len(scenarios)
+        if judged and self.judges is not None:
+            batch = self.judges.score_batch(
+                [(scenarios[row].rubric, completions[row], scenarios[row].reference,
+                  prompt_text(scenarios[row])) for row in judged])
+            for row, result in zip(judged, batch, strict=True):
+                results[row] = result
         rewards = []
         for row, (scenario, text) in enumerate(zip(scenarios, completions, strict=True)):
-            result = score(scenario.rubric, text, scenario.reference, judge_verdicts=verdicts[row])
+            result = results[row]
+            if result is None:  # no judge criterion (or no judges here: those are failures)
+                result = score(scenario.rubric, text, scenario.reference)
             self.counts.rewards += 1
             self.counts.judge_failures += int(result.judge_error)
             rewards.append(float(result.score))
@@ -195,50 +240,6 @@ class RewardScorer:
         if not self.has_judges or counts.rewards == 0:
             return None
         return counts.judge_failures / counts.rewards
-
-    def _verdicts(self, scenarios: Sequence[Any], completions: Sequence[str]) -> list[dict[int, Any]]:
-        from modelsmith.loop.scoring.rubric import JudgeVerdict, judge_prompt, parse_judge_reply
-        from modelsmith.loop.scoring.scenarios import prompt_text
-
-        found: list[dict[int, Any]] = [{} for _ in scenarios]
-        asks: list[tuple[int, int, str, float, str]] = []  # row, criterion, key, scale, engine
-        texts: list[tuple[str, str]] = []
-        for row, (scenario, completion) in enumerate(zip(scenarios, completions, strict=True)):
-            for index in scenario.rubric.judge_indices():
-                criterion = scenario.rubric.criteria[index]
-                text = judge_prompt(criterion, prompt_text(scenario), completion, scenario.reference)
-                key = hashlib.sha256(
-                    f"{criterion.engine}\0{criterion.scale!r}\0{text}".encode()).hexdigest()
-                cached = self.cache.get(key)
-                if cached is not None:
-                    self.cache_hits += 1
-                    found[row][index] = cached
-                elif self.judges is None:
-                    found[row][index] = JudgeVerdict(score=None, raw="", error="no judge in this process")
-                else:
-                    asks.append((row, index, key, criterion.scale, criterion.engine))
-                    texts.append((criterion.engine, text))
-        if not asks or self.judges is None:
-            return found
-        # Two rows with the same judge prompt (a group's identical completions) share one call.
-        unique: dict[str, tuple[int, tuple[str, str]]] = {}
-        for ask, request in zip(asks, texts, strict=True):
-            unique.setdefault(ask[2], (len(unique), request))
-        replies = self.judges.ask_many([request for _, request in unique.values()])
-        self.judge_calls += len(unique)
-        if len(self.cache) + len(unique) > CACHE_LIMIT:
-            self.cache.clear()
-        for row, index, key, scale, _engine in asks:
-            reply = replies[unique[key][0]]
-            if isinstance(reply, Exception):
-                verdict = JudgeVerdict(score=None, raw="",
-                                       error=f"judge call failed: {type(reply).__name__}: {reply}")
-            else:
-                verdict = parse_judge_reply(reply, scale=scale)
-                if verdict.error is None:
-                    self.cache[key] = verdict
-            found[row][index] = verdict
-        return found
 
 
 def make_reward_function(scorer: RewardScorer, stop: StopState) -> Any:

@@ -79,7 +79,7 @@ def test_a_judge_only_rubric_rewards_what_the_judge_says_in_one_batch(judge_serv
         assert scorer.take_judge_failure_share() == 0.0
         # The same completions again: every verdict comes from the cache.
         assert scorer.score_many(["p0", "p1"], ["yes", "no"]) == [1.0, 0.0]
-        assert len(judge_server.requests) == 4 and scorer.cache_hits == 2
+        assert len(judge_server.requests) == 4 and clients.cache_hits == 2
     finally:
         clients.close()
 
@@ -103,10 +103,11 @@ def test_malformed_verdicts_are_judge_failures_counted_in_the_share(judge_server
         assert rewards == [1.0, 1.0, 0.0, 0.0]
         assert scorer.take_judge_failure_share() == 0.5
         assert scorer.take_judge_failure_share() is None  # nothing scored since
-        # Failures are not cached: asked again, the judge is asked again.
+        # The judge's reply is cached, a malformed one too: the same completion, the same verdict.
         before = len(judge_server.requests)
-        scorer.score_many(["p0"], ["maybe campaign"])
-        assert len(judge_server.requests) == before + 1
+        assert scorer.score_many(["p0"], ["maybe campaign"]) == [1.0]
+        assert len(judge_server.requests) == before
+        assert scorer.take_judge_failure_share() == 1.0
     finally:
         clients.close()
 
@@ -124,6 +125,9 @@ def test_a_judge_slower_than_the_batch_bound_is_a_judge_failure_not_a_hang() -> 
             scorer = RewardScorer(["p0"], judged_scenarios(1), clients)
             assert scorer.score_many(["p0", "p0"], ["yes", "yes again"]) == [0.0, 0.0]
             assert scorer.take_judge_failure_share() == 1.0
+            released.set()
+            # A call that failed is not cached: the next batch asks again, and gets the verdict.
+            assert scorer.score_many(["p0"], ["yes"]) == [1.0]
         finally:
             released.set()
             clients.close()
