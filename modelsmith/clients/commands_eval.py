@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from modelsmith.clients import render
-from modelsmith.clients.common import ExitCode, call, emit_json
+from modelsmith.clients import commands_scenarios, render
+from modelsmith.clients.common import ExitCode, UsageError, call, emit_json
 from modelsmith.clients.watch import follow_job
 from modelsmith.rpc.schema.evals import (
     EvalComparison,
@@ -139,6 +139,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
+    if args.action in commands_scenarios.ACTIONS:
+        return commands_scenarios.ACTIONS[args.action](args)
+    if not args.cluster:
+        raise UsageError(f"scenarios {args.action} needs --cluster")
     method = "scenarios.verify" if args.action == "verify" else "scenarios.list"
     result = call(args, method, {"cluster": args.cluster}, ScenarioSets)
     if args.json:
@@ -242,9 +246,12 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("b", help="tag of the later eval")
     p.add_argument("--cluster", required=True, help="the cluster both evals belong to")
 
-    p = add("scenarios", cmd_scenarios, "governed scenario sets: list or verify")
-    p.add_argument("action", choices=["list", "verify"], help="list the sets, or verify their hashes")
-    p.add_argument("--cluster", required=True, help="the cluster whose sets to read")
+    p = add("scenarios", cmd_scenarios, "governed scenario sets: list, verify, "
+            + ", ".join(commands_scenarios.ACTIONS))
+    p.add_argument("action", choices=["list", "verify", *commands_scenarios.ACTIONS],
+                   help="list the sets, or verify their hashes; accept: synthetic into core")
+    p.add_argument("--cluster", help="the cluster whose sets to read")
+    commands_scenarios.add_arguments(p)
 
     p = add("ledger", cmd_ledger_verify, "verify ledgers (hash chain, signed records); works offline")
     p.add_argument("action", choices=["verify"], help="verify (the only action)")

@@ -69,6 +69,8 @@ from modelsmith.clients.mcp_tools import (
     RollbackTarget,
     ScenarioOutcome,
     ScenarioTexts,
+    SynthRunArgs,
+    SynthStartedView,
     ToolSpec,
     TrainStartArgs,
     TrainStartedView,
@@ -206,6 +208,10 @@ async def train_start(link: DaemonLink, args: TrainStartArgs) -> TrainStartedVie
     return view(await link.call("train.start", params), TrainStartedView, "train.start")
 
 
+async def synth_run(link: DaemonLink, args: SynthRunArgs) -> SynthStartedView:
+    return view(await link.call("synth.run", params_of(args)), SynthStartedView, "synth.run")
+
+
 async def train_status(link: DaemonLink, args: JobStatusArgs) -> TrainStatusView:
     await link.wait_job(args.job_id, args.wait_s)
     raw = await link.call("train.status", {"job_id": args.job_id})
@@ -316,6 +322,11 @@ TOOLS: tuple[ToolSpec[Any, Any], ...] = (
              "seconds pass.", JobStatusArgs, TrainStatusView, train_status),
     ToolSpec("modelsmith_train_cancel", "Stop a training job; the trainer saves a checkpoint.",
              JobArgs, JobView, train_cancel, read_only=False),
+    ToolSpec("modelsmith_synth_run", "Start a synth job: new scenarios like an eval's failure "
+             "patterns from a teacher engine or the cluster's generator, kept only when verified "
+             "(loads, reference passes, no duplicate, nothing near held-out) and only in the "
+             "synthetic set, never the gate's composite. Returns the job id at once.",
+             SynthRunArgs, SynthStartedView, synth_run, read_only=False),
     ToolSpec("modelsmith_policy_gate", "Check the promotion policy gate for a cluster's candidate: "
              "every rule, passed or not, with what to fix. Changes nothing.",
              PolicyGateArgs, PolicyGateView, policy_gate),

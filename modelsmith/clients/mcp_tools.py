@@ -145,6 +145,23 @@ class TrainStartArgs(ToolArgs):
     learning_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
 
 
+class SynthRunArgs(ToolArgs):
+    cluster: ClusterName
+    from_eval: EvalTag
+    pattern: Annotated[str, msgspec.Meta(min_length=1, max_length=200,
+                                         description="one failure pattern id")] | None = None
+    count: Annotated[int, msgspec.Meta(ge=1, le=200)] = 4
+    teacher: Annotated[str, msgspec.Meta(min_length=1, max_length=200,
+                                         description="a named engine as teacher")] | None = None
+
+
+class SynthStartedView(msgspec.Struct, kw_only=True):
+    job_id: str = msgspec.field(name="jobId")
+    status: str
+    cluster: str
+    log: str | None = None
+
+
 class PolicyGateArgs(ToolArgs):
     cluster: ClusterName
     eval_tag: EvalTag | None = None

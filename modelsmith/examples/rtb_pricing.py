@@ -20,6 +20,7 @@ rubric's reward teaches it to connect what it read to the answer.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,38 @@ def model_recipe() -> dict[str, Any]:
     }
 
 
+# Regions of synthetic scenarios (:func:`synthesise`): in no hand-written scenario and not in the
+# warm start, so a synthetic prompt is never a copy of a core or held-out one.
+SYNTH_REGIONS = ("south-africa", "new-zealand", "central-asia", "scandinavia", "pacific-islands",
+                 "caribbean")
+_BID_PROMPT = re.compile(r"\A(?P<region>[a-z-]+) auction, (?P<inventory>[a-z -]+)\. bucket\?\Z")
+
+
+def synthesise(pattern: dict[str, Any], sources: list[dict[str, Any]], count: int
+               ) -> list[dict[str, Any]]:
+    """The cluster's ``[synthesis] generator``: up to ``count`` new bid requests like the failed
+    ``sources``, exact by construction.
+
+    Each keeps its source's inventory type and rubric and asks about a region of
+    :data:`SYNTH_REGIONS`; its reference is the type's bucket looked up in :data:`INVENTORY`
+    (re-derived, not the source's reference copied). A source whose prompt is not a bid request
+    of a known type yields nothing.
+    """
+    usable = []
+    for source in sources:
+        match = _BID_PROMPT.match(source["prompt"]) if isinstance(source["prompt"], str) else None
+        if match and match["inventory"] in INVENTORY:
+            usable.append((source, match["inventory"]))
+    out: list[dict[str, Any]] = []
+    for k in range(min(count, len(usable) * len(SYNTH_REGIONS))):
+        source, inventory = usable[k % len(usable)]
+        region = SYNTH_REGIONS[(k // len(usable)) % len(SYNTH_REGIONS)]
+        bucket = INVENTORY[inventory]
+        out.append({"source_id": source["id"], "prompt": bid_prompt(inventory, region),
+                    "reference": bucket, "rubric": source["rubric"], "tags": [bucket, region]})
+    return out
+
+
 CLUSTER_TOML = """\
 # The rtb-pricing example cluster (see docs/scenarios.md and `modelsmith config schema`).
 domain = "adtech"
@@ -247,6 +280,10 @@ required_approvals = 1
 
 [eval]
 quick_size = 12
+
+[synthesis]
+# Exact synthetic scenarios for `modelsmith synth` (no teacher model needed).
+generator = "modelsmith.examples.rtb_pricing:synthesise"
 """
 
 

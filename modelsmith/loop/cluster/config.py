@@ -171,6 +171,12 @@ class PolicySection(_Section):
                                     "this level (exact McNemar on pass/fail or sign test on "
                                     "scores, two-sided, paired by scenario; check "
                                     "`paired_regression`); 0 turns the check off.")
+    min_judge_agreement: float | None = Field(default=None, ge=-1, le=1, description="Refuse a "
+                                              "promotion whose eval used a judge without a "
+                                              "`judge check` of the current judge, template and "
+                                              "calibration set with Cohen's kappa at least this "
+                                              "(check `judge_agreement`; docs/judges.md). Unset: "
+                                              "off.")
 
 
 class EvalSection(_Section):
@@ -181,6 +187,22 @@ class EvalSection(_Section):
                                      "of the scenario bootstrap behind every 95% interval.")
     bootstrap_seed: int = Field(default=0, description="Seed of the bootstrap, so a summary's "
                                 "intervals can be recomputed exactly.")
+
+
+class SynthesisSection(_Section):
+    generator: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                                  description="A programmatic generator, `package.module:function`"
+                                  ": called with a failure pattern, its source scenarios and a count, "
+                                  "it returns scenario dicts (checked like a teacher's). `synth` "
+                                  "uses it when no --teacher is named.")
+    per_iteration: int = Field(default=0, ge=0, le=1000, description="Autonomous: scenarios to "
+                               "synthesise per failure pattern before each training (0: off; needs "
+                               "`generator`). Its time counts against the device budget.")
+    near_duplicate_threshold: float = Field(default=90.0, gt=0, le=100, description="Two prompts "
+                                            "whose normalised character similarity (rapidfuzz "
+                                            "`fuzz.ratio`, 0-100) is at least this are "
+                                            "near-duplicates: a candidate that close to a held-out "
+                                            "prompt is refused, to any other dropped.")
 
 
 class ClusterConfig(_Section):
@@ -199,6 +221,8 @@ class ClusterConfig(_Section):
     policy: PolicySection = Field(default_factory=PolicySection, description="Promotion and "
                                   "autonomy policy.")
     eval: EvalSection = Field(default_factory=EvalSection, description="Eval runs.")
+    synthesis: SynthesisSection = Field(default_factory=SynthesisSection, description="Synthetic "
+                                        "scenarios from failure patterns (`modelsmith synth`).")
 
 
 @dataclass(frozen=True, slots=True)

@@ -392,8 +392,8 @@ class PromotionService:
         verified = self._verify(runtime, statement, signature, state.requested.event.sha256,
                                 principal)
         said = verified.statement
-        if said.decision == "rollback":
-            raise ValidationError("a rollback statement cannot decide a promotion request",
+        if said.decision not in ("approve", "reject"):
+            raise ValidationError(f"a {said.decision} statement cannot decide a promotion request",
                                   data={"field": "statement.decision"})
         if said.request_id != request_id:
             raise SignatureError("statement is for another promotion request",

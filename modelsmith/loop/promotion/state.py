@@ -22,6 +22,7 @@ from modelsmith.loop.records.events import (
     PromotionRequested,
     PromotionSigned,
     RollbackDone,
+    ScenariosAccepted,
 )
 from modelsmith.loop.records.ledger import Ledger, Recorded
 from modelsmith.rpc.schema.promotion import (
@@ -76,7 +77,7 @@ def seen_nonces(ledger: Ledger) -> set[str]:
     seen: set[str] = set()
     for recorded in ledger.recorded():
         event = recorded.event
-        if isinstance(event, PromotionSigned | RollbackDone):
+        if isinstance(event, PromotionSigned | RollbackDone | ScenariosAccepted):
             seen.add(event.nonce)
         elif isinstance(event, PromotionApproved | PromotionRejected):
             seen.update(event.nonces)

@@ -49,7 +49,7 @@ __all__ = [
     "verify_approval",
 ]
 
-Decision = Literal["approve", "reject", "rollback"]
+Decision = Literal["approve", "reject", "rollback", "accept"]  # accept: synthetic scenarios
 
 CLOCK_SKEW = timedelta(minutes=5)
 """How far in the future a statement's time may lie (the reviewer's clock may run ahead)."""
@@ -141,7 +141,7 @@ def _statement_problem(statement: ApprovalStatement) -> tuple[str, str] | None:
         return "version", f"unsupported version {statement.version}"
     if not statement.cluster:
         return "cluster", "cluster is empty"
-    if statement.decision in ("approve", "reject"):
+    if statement.decision in ("approve", "reject", "accept"):
         if not statement.request_id:
             return "request_id", f"{statement.decision} needs a request_id"
         if statement.request_digest is None:

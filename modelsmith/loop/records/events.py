@@ -16,6 +16,9 @@ The kinds::
     promotion.requested / promotion.signed / promotion.approved / promotion.rejected
     rollback.done
     adapter.checked      an adapter loaded into an engine was replayed against its canaries
+    judge.checked        a judge was run on its calibration set (agreement with people, itself)
+    synth.finished / synth.failed   a synthesis job: what it generated, dropped, refused, kept
+    scenarios.accepted   a reviewer's SSH-signed move of synthetic scenarios into core
 
 Field names are the stored names; new fields get defaults so that older entries still decode.
 """
@@ -39,6 +42,7 @@ __all__ = [
     "EvalFinished",
     "EvalStarted",
     "IterationAdvanced",
+    "JudgeChecked",
     "LedgerEvent",
     "LoopTransition",
     "PromotionApproved",
@@ -47,8 +51,11 @@ __all__ = [
     "PromotionSigned",
     "RollbackDone",
     "RunCounters",
+    "ScenariosAccepted",
     "ScenariosChanged",
     "ScenariosIngested",
+    "SynthFailed",
+    "SynthFinished",
     "TrainFailed",
     "TrainStarted",
     "error_info",
@@ -300,12 +307,104 @@ class AdapterChecked(_Event, frozen=True, tag="adapter.checked"):
     error: ErrorInfo | None = None
 
 
+# -- synthetic scenarios --------------------------------------------------------------------------
+
+class SynthFinished(_Event, frozen=True, tag="synth.finished"):
+    """A synthesis job's outcome. Every candidate is in exactly one count: ``generated`` =
+    ``dropped_invalid + dropped_reference_fails + dropped_duplicate + refused_near_held_out +
+    kept``. ``teacher``/``teacher_model``: the named engine, or None with ``generator`` (a
+    cluster's ``package.module:function``). ``file``: the kept scenarios' file under
+    ``scenarios/synthetic/`` (None when nothing was kept)."""
+
+    job_id: str
+    eval_tag: str
+    patterns: list[str]
+    source_ids: list[str]
+    generated: int
+    dropped_invalid: int
+    dropped_reference_fails: int
+    dropped_duplicate: int
+    refused_near_held_out: int
+    kept: int
+    ids: list[str]
+    prompt_sha256: list[str]  # the generation prompts' hashes (provenance)
+    teacher: str | None = None
+    teacher_model: str | None = None
+    generator: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    near_duplicate_threshold: float | None = None
+
+
+class SynthFailed(_Event, frozen=True, tag="synth.failed"):
+    job_id: str
+    error: ErrorInfo
+    eval_tag: str | None = None
+
+
+class ScenariosAccepted(_Event, frozen=True, tag="scenarios.accepted"):
+    """Synthetic scenarios a reviewer accepted into core (``ids`` moved to ``file``); the
+    signed statement binds ``digest`` (:func:`modelsmith.loop.synth.acceptance.acceptance_digest`)."""
+
+    ids: list[str]
+    file: str
+    sha256: str
+    digest: str
+    principal: str
+    key_fingerprint: str
+    nonce: str
+    statement: str
+    signature: str
+
+
+# -- judges ---------------------------------------------------------------------------------------
+
+class JudgeChecked(_Event, frozen=True, tag="judge.checked"):
+    """A judge was run on its calibration set ``judges/<judge>.yaml`` (docs/judges.md).
+
+    ``identity`` is what the promotion gate asks a passing check for: the engine name and its
+    model, the template's sha256 and the calibration set's version. The figures are those of
+    :mod:`modelsmith.loop.eval.judge_stats`; ``report`` (relative to the cluster) holds every
+    example's verdicts, ``report_sha256`` its bytes' hash.
+    """
+
+    judge: str
+    job_id: str
+    engine: str
+    engine_model: str
+    template_sha256: str
+    calibration_version: str
+    identity: str
+    examples: int
+    answered: int
+    repeats: int
+    pass_mark: float
+    scale: float
+    exact_rate: float | None
+    within_one_rate: float | None
+    kappa: float | None
+    spearman: float | None
+    exact_ci95: list[float] | None = None
+    within_one_ci95: list[float] | None = None
+    kappa_ci95: list[float] | None = None
+    spearman_ci95: list[float] | None = None
+    consistency_mean_spread: float | None = None
+    consistency_max_spread: float | None = None
+    consistency_agreeing: float | None = None
+    repeat_failures: int = 0
+    order_bias: float | None = None
+    report: str = ""
+    report_sha256: str = ""
+
+
 LedgerEvent: TypeAlias = (
     ScenariosChanged | ScenariosIngested | LoopTransition
     | EvalStarted | EvalFinished | EvalFailed
     | TrainStarted | IterationAdvanced | TrainFailed
     | PromotionRequested | PromotionSigned | PromotionApproved | PromotionRejected
     | RollbackDone | AdapterChecked
+    | SynthFinished | SynthFailed | ScenariosAccepted
+    | JudgeChecked
 )
 
 EVENT_TYPES: dict[str, type[_Event]] = {
@@ -313,7 +412,7 @@ EVENT_TYPES: dict[str, type[_Event]] = {
     for cls in (ScenariosChanged, ScenariosIngested, LoopTransition, EvalStarted, EvalFinished,
                 EvalFailed, TrainStarted, IterationAdvanced, TrainFailed, PromotionRequested,
                 PromotionSigned, PromotionApproved, PromotionRejected, RollbackDone,
-                AdapterChecked)
+                AdapterChecked, SynthFinished, SynthFailed, ScenariosAccepted, JudgeChecked)
 }
 for _kind, _cls in EVENT_TYPES.items():
     _cls.KIND = _kind

@@ -1,0 +1,1 @@
+"""Synthetic scenarios from failure patterns: generation, verification, governance."""
