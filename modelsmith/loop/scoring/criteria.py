@@ -2,7 +2,9 @@
 
 A :class:`Rubric` is a list of weighted criteria and a ``pass_mark``. Each criterion is a msgspec
 Struct in a union tagged on the field ``type`` (``exact``, ``contains``, ``not_contains``,
-``regex``, ``json``, ``numeric``, ``choice``, ``length``, ``llm_judge``). Everything that can be
+``regex``, ``json``, ``numeric``, ``choice``, ``length``, ``llm_judge``; ``similarity`` in
+:mod:`~modelsmith.loop.scoring.similarity`, ``label`` and ``rubric_judge`` in
+:mod:`~modelsmith.loop.scoring.judges`). Everything that can be
 checked without an answer is checked when the criterion is decoded (``__post_init__``): regexes
 compile, JSON schemas are valid, weights are positive, options fit together. So a ``Rubric`` that
 exists is a rubric that can score; scoring itself lives in :mod:`modelsmith.loop.scoring.rubric`.
@@ -29,6 +31,17 @@ import regex
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from modelsmith.loop.scoring.bounded import bounded_validator_class, schema_problem
+from modelsmith.loop.scoring.criterion_base import (
+    Count,
+    CriterionBase,
+    InvalidField,
+    NonEmptyText,
+    NonNegative,
+    Weight,
+)
+from modelsmith.loop.scoring.formula import FormulaError, check_formula
+from modelsmith.loop.scoring.judges import LabelCriterion, RubricJudgeCriterion
+from modelsmith.loop.scoring.similarity import SimilarityCriterion
 
 __all__ = [
     "DEFAULT_JUDGE_TEMPLATE",
@@ -39,12 +52,15 @@ __all__ = [
     "ExactCriterion",
     "InvalidField",
     "JsonCriterion",
+    "LabelCriterion",
     "LengthCriterion",
     "LlmJudgeCriterion",
     "NotContainsCriterion",
     "NumericCriterion",
     "RegexCriterion",
     "Rubric",
+    "RubricJudgeCriterion",
+    "SimilarityCriterion",
     "compiled_pattern",
     "counts_as_of",
     "json_path_segments",
@@ -53,11 +69,6 @@ __all__ = [
     "parse_reference_number",
     "schema_validator",
 ]
-
-Weight = Annotated[float, Meta(gt=0)]
-NonNegative = Annotated[float, Meta(ge=0)]
-Count = Annotated[int, Meta(ge=0)]
-NonEmptyText = Annotated[str, Meta(min_length=1)]
 
 DEFAULT_JUDGE_TEMPLATE: Final = (
     "You are grading an answer.\n\n"
@@ -71,16 +82,6 @@ DEFAULT_JUDGE_TEMPLATE: Final = (
 # Placeholders a judge template may use; anything else ({response.__class__}, {0}) is refused
 # at load time, so formatting a template can never reach into objects.
 JUDGE_PLACEHOLDERS: Final = frozenset({"prompt", "response", "reference", "scale"})
-
-
-class InvalidField(ValueError):
-    """A criterion or scenario option that cannot work; ``field`` is relative to the object."""
-
-    def __init__(self, kind: str, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.kind = kind
-        self.field = field
-        self.problem = message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,35 +171,7 @@ def parse_reference_number(text: str) -> float:
 # Criteria
 
 
-class _CriterionBase(
-    Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="type"
-):
-    """Fields every criterion has. ``weight`` counts in the weighted mean of the rubric."""
-
-    weight: Weight = 1.0
-    name: str | None = None
-    #: what the criterion's credit counts towards; None: its kind's default (see counts_as_of)
-    counts_as: Literal["format", "substance"] | None = None
-
-    #: the criterion's ``type`` tag, readable without msgspec introspection
-    kind: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.weight):
-            raise InvalidField("bad_weight", "weight", "must be a finite number > 0")
-        self._check()
-
-    def _check(self) -> None:
-        """Per-type load-time checks; raise InvalidField."""
-
-    def needs_reference(self) -> bool:
-        """True when scoring compares against the scenario's ``reference``."""
-        return False
-
-    @property
-    def label(self) -> str:
-        """The name results carry: ``name`` if given, otherwise the criterion type."""
-        return self.name if self.name else self.kind
+_CriterionBase = CriterionBase  # the base of every kind (criterion_base.py)
 
 
 class ExactCriterion(_CriterionBase, frozen=True, tag="exact"):
@@ -490,6 +463,9 @@ Criterion = (
     | ChoiceCriterion
     | LengthCriterion
     | LlmJudgeCriterion
+    | SimilarityCriterion
+    | LabelCriterion
+    | RubricJudgeCriterion
 )
 
 CRITERION_TYPES: Final = (
@@ -502,7 +478,13 @@ CRITERION_TYPES: Final = (
     "choice",
     "length",
     "llm_judge",
+    "similarity",
+    "label",
+    "rubric_judge",
 )
+
+#: The kinds scored from a judge engine's reply (their ``engine`` names it).
+JUDGE_KINDS: Final = (LlmJudgeCriterion, LabelCriterion, RubricJudgeCriterion)
 
 
 CountsAs = Literal["format", "substance", "both"]
@@ -532,14 +514,33 @@ class Rubric(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
     criteria: Annotated[tuple[Criterion, ...], Meta(min_length=1)]
     pass_mark: Annotated[float, Meta(ge=0, le=1)] = 0.7
+    #: combines the criteria's scores instead of the weighted mean (see loop/scoring/formula.py);
+    #: its names are the criteria's ``name``s
+    formula: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.formula is None:
+            return
+        names = [criterion.label for criterion in self.criteria]
+        for index, criterion in enumerate(self.criteria):
+            if criterion.name is None:
+                raise InvalidField("missing_field", f"criteria[{index}].name",
+                                   "a rubric with a `formula` names every criterion")
+            if names.count(criterion.label) > 1:
+                raise InvalidField("invalid_value", f"criteria[{index}].name", "duplicate name")
+        try:
+            check_formula(self.formula, names)
+        except FormulaError as exc:
+            raise InvalidField("bad_formula", "formula", str(exc)) from exc
 
     def needs_reference(self) -> bool:
         return any(criterion.needs_reference() for criterion in self.criteria)
 
     def judge_indices(self) -> tuple[int, ...]:
-        """Indices of the ``llm_judge`` criteria (the keys of ``judge_verdicts``)."""
+        """Indices of the criteria a judge engine scores (``llm_judge``, ``label``,
+        ``rubric_judge``: the keys of ``judge_verdicts``)."""
         return tuple(
             index
             for index, criterion in enumerate(self.criteria)
-            if isinstance(criterion, LlmJudgeCriterion)
+            if isinstance(criterion, JUDGE_KINDS)
         )

@@ -41,20 +41,27 @@ from modelsmith.loop.scoring.bounded import (
     score_deadline,
 )
 from modelsmith.loop.scoring.criteria import (
+    JUDGE_KINDS,
     ChoiceCriterion,
     ContainsCriterion,
     Criterion,
     ExactCriterion,
     JsonCriterion,
+    LabelCriterion,
     LengthCriterion,
     LlmJudgeCriterion,
     NotContainsCriterion,
     NumericCriterion,
     RegexCriterion,
     Rubric,
+    RubricJudgeCriterion,
+    SimilarityCriterion,
     parse_reference_number,
     schema_validator,
 )
+from modelsmith.loop.scoring.formula import FormulaError, evaluate_formula
+from modelsmith.loop.scoring.judge_replies import read_label_reply, read_rubric_reply
+from modelsmith.loop.scoring.similarity import similarity
 
 __all__ = [
     "ERROR_KINDS",
@@ -109,6 +116,10 @@ class CriterionResult(Struct, frozen=True, kw_only=True):
     passed: bool
     detail: str
     error_kind: ErrorKind | None = None
+    #: a structured judge's reasoning (kept for reviewers; never shown to the judged model)
+    reasoning: str | None = None
+    #: a rubric judge's normalised score per named criterion
+    parts: dict[str, float] | None = None
 
 
 class RubricScore(Struct, frozen=True, kw_only=True):
@@ -120,6 +131,8 @@ class RubricScore(Struct, frozen=True, kw_only=True):
     criteria: tuple[CriterionResult, ...]
     judge_error: bool = False
     scoring_error: bool = False
+    #: why the rubric's ``formula`` could not combine these scores (then ``scoring_error``)
+    formula_error: str | None = None
 
 
 class JudgeVerdict(Struct, frozen=True, kw_only=True):
@@ -128,6 +141,9 @@ class JudgeVerdict(Struct, frozen=True, kw_only=True):
     score: float | None
     raw: str
     error: str | None = None
+    reasoning: str | None = None
+    parts: dict[str, float] | None = None
+    label: str | None = None
 
 
 #: One call to a judge engine: prompt text in, reply text out.
@@ -320,6 +336,25 @@ def _score_length(criterion: LengthCriterion, response: str, reference: str | No
     return min(char_credit, word_credit), False, f"{chars} chars, {words} words: {kind}", kind
 
 
+def _score_similarity(
+    criterion: SimilarityCriterion, response: str, reference: str | None
+) -> _Outcome:
+    expected = _expected(criterion, criterion.value, reference)
+    text = response
+    if criterion.field is not None:
+        found, document = extract_json(response)
+        value = lookup(document, criterion.field) if found else NOT_FOUND
+        if value is NOT_FOUND or isinstance(value, dict | list):
+            return 0.0, False, f"no text field {criterion.field!r}", "missing_content"
+        text = value if isinstance(value, str) else json.dumps(value)
+    value, cut = similarity(criterion.metric, text, expected)
+    detail = f"{criterion.metric} {value:.3g} (pass at {criterion.pass_threshold:g})" + (
+        ", texts cut to the metric's bound" if cut else "")
+    if value >= criterion.pass_threshold:
+        return value, True, detail, None
+    return value, False, detail, "wrong_value"
+
+
 _SCORERS: Final[dict[type[Any], Callable[[Any, str, str | None], _Outcome]]] = {
     ExactCriterion: _score_exact,
     ContainsCriterion: _score_contains,
@@ -329,6 +364,7 @@ _SCORERS: Final[dict[type[Any], Callable[[Any, str, str | None], _Outcome]]] = {
     NumericCriterion: _score_numeric,
     ChoiceCriterion: _score_choice,
     LengthCriterion: _score_length,
+    SimilarityCriterion: _score_similarity,
 }
 
 
@@ -361,23 +397,40 @@ def parse_judge_reply(text: str, *, scale: float) -> JudgeVerdict:
 
 
 def judge_prompt(
-    criterion: LlmJudgeCriterion, prompt_text: str, response: str, reference: str | None
+    criterion: LlmJudgeCriterion | LabelCriterion | RubricJudgeCriterion, prompt_text: str,
+    response: str, reference: str | None,
 ) -> str:
     """The text sent to the judge engine for one answer."""
     return criterion.render(prompt=prompt_text, response=response, reference=reference)
 
 
 def _judge_outcome(
-    criterion: LlmJudgeCriterion, verdict: JudgeVerdict | None, pass_mark: float
+    criterion: Any, verdict: JudgeVerdict | None, pass_mark: float
 ) -> tuple[_Outcome, bool]:
     if verdict is None:
         return (0.0, False, "no judge verdict", "judge_failure"), True
     if verdict.error is not None or verdict.score is None:
         return (0.0, False, f"judge failure: {verdict.error or 'no score'}", "judge_failure"), True
     judged = min(1.0, max(0.0, verdict.score))
-    passed = judged >= pass_mark
+    if isinstance(criterion, LabelCriterion):
+        passed = verdict.label in criterion.passing_labels
+        said = f"labelled {verdict.label!r}"
+    else:
+        threshold = getattr(criterion, "pass_threshold", None)
+        passed = judged >= (pass_mark if threshold is None else threshold)
+        said = f"scored {judged:.3g}"
     kind: ErrorKind | None = None if passed else "wrong_value"
-    return (judged, passed, f"judge {criterion.engine!r} scored {judged:.3g}", kind), False
+    return (judged, passed, f"judge {criterion.engine!r} {said}", kind), False
+
+
+def _read_reply(criterion: Any, reply: str) -> JudgeVerdict:
+    """The verdict in ``reply``, read strictly by the criterion's kind."""
+    if isinstance(criterion, LlmJudgeCriterion):
+        return parse_judge_reply(reply, scale=criterion.scale)
+    read = (read_label_reply(criterion, reply) if isinstance(criterion, LabelCriterion)
+            else read_rubric_reply(criterion, reply))
+    return JudgeVerdict(score=read.score, raw=reply, error=read.error, reasoning=read.reasoning,
+                        parts=read.parts, label=read.label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +484,8 @@ def _score(
     judge_error = False
     scoring_error = False
     for index, criterion in enumerate(rubric.criteria):
-        if isinstance(criterion, LlmJudgeCriterion):
+        verdict = None
+        if isinstance(criterion, JUDGE_KINDS):
             verdict = judge_verdicts.get(index) if judge_verdicts is not None else None
             outcome, failed_judge = _judge_outcome(criterion, verdict, rubric.pass_mark)
             failed_scoring = False
@@ -461,10 +515,21 @@ def _score(
                 passed=passed,
                 detail=detail,
                 error_kind=kind,
+                reasoning=verdict.reasoning if verdict is not None else None,
+                parts=verdict.parts if verdict is not None and not failed_judge else None,
             )
         )
     # Rounding must not push the mean outside its criteria's range (all-1.0 must be exactly 1.0).
     total = min(high, max(low, weighted_sum / weight_total)) if weight_total > 0 else 0.0
+    formula_error = None
+    if rubric.formula is not None and not judge_error and not scoring_error:
+        # A failed criterion has no score to put in the formula: then the weighted mean of the
+        # others stands, flagged (the result is not passed either way).
+        try:
+            combined = evaluate_formula(rubric.formula, {r.name: r.score for r in results})
+            total = min(1.0, max(0.0, combined))
+        except FormulaError as exc:
+            formula_error, scoring_error, total = str(exc), True, 0.0
     return RubricScore(
         score=total,
         passed=not judge_error and not scoring_error and total >= rubric.pass_mark,
@@ -472,6 +537,7 @@ def _score(
         criteria=tuple(results),
         judge_error=judge_error,
         scoring_error=scoring_error,
+        formula_error=formula_error,
     )
 
 
@@ -491,7 +557,7 @@ async def score_with_judge(
     """
     verdicts: dict[int, JudgeVerdict] = {}
 
-    async def ask(index: int, criterion: LlmJudgeCriterion) -> None:
+    async def ask(index: int, criterion: Any) -> None:
         if isinstance(judge, Mapping):
             call = judge.get(criterion.engine)
             if call is None:
@@ -509,11 +575,9 @@ async def score_with_judge(
                 score=None, raw="", error=f"judge call failed: {type(exc).__name__}: {exc}"
             )
             return
-        verdicts[index] = parse_judge_reply(reply, scale=criterion.scale)
+        verdicts[index] = _read_reply(criterion, reply)
 
     async with anyio.create_task_group() as task_group:
         for index in rubric.judge_indices():
-            criterion = rubric.criteria[index]
-            assert isinstance(criterion, LlmJudgeCriterion)
-            task_group.start_soon(ask, index, criterion)
+            task_group.start_soon(ask, index, rubric.criteria[index])
     return score(rubric, response, reference, judge_verdicts=verdicts)

@@ -1,0 +1,1 @@
+"""OpenAI grader import: grader JSON plus dataset items into governed scenario files."""
