@@ -122,7 +122,8 @@ def register(sub: Any, add: Any) -> None:
     p.add_argument("job_id", nargs="?", help="status, cancel: the training job")
     p.add_argument("--cluster", help="start: the cluster to train")
     p.add_argument("--eval-tag", dest="eval_tag", help="start: the eval whose failures to train on")
-    p.add_argument("--target", choices=["failures", "failures+near_misses"], default="failures",
+    p.add_argument("--target", choices=["failures", "failures+near_misses", "failures+synthetic"],
+                   default="failures",
                    help="start: which core scenarios to train on (default: failures)")
     p.add_argument("--max-steps", type=int, help="start: most optimizer steps (default: cluster.toml's)")
     p.add_argument("--learning-rate", type=float, help="start: learning rate (default: cluster.toml's)")

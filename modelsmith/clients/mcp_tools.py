@@ -140,7 +140,7 @@ class TrainStartArgs(ToolArgs):
     cluster: ClusterName
     eval_tag: EvalTag
     method: Literal["grpo"] = "grpo"
-    target: Literal["failures", "failures+near_misses"] = "failures"
+    target: Literal["failures", "failures+near_misses", "failures+synthetic"] = "failures"
     max_steps: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
     learning_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
 

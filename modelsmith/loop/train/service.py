@@ -50,9 +50,14 @@ from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.registry import Job, JobRegistry
 from modelsmith.loop.records.events import IterationAdvanced, TrainFailed, failure_of
 from modelsmith.loop.records.events import TrainStarted as TrainStartedEvent
+from modelsmith.loop.scoring.scenarios import Scenario, ScenarioCatalog
 from modelsmith.loop.train.hot_load import load_verified
 from modelsmith.loop.train.reward_judges import reward_judges
-from modelsmith.loop.train.training_set import build_manifest, select_training_scenarios
+from modelsmith.loop.train.training_set import (
+    build_manifest,
+    select_synthetic,
+    select_training_scenarios,
+)
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.evals import EvalRunParams
 from modelsmith.rpc.schema.jobs import JobSummary
@@ -142,9 +147,16 @@ class TrainService:
         t = runtime.cluster.config.training
         margin = (params.overrides.near_miss_margin if params.overrides and params.overrides.near_miss_margin is not None
                   else t.near_miss_margin)
-        if params.target == "failures":
+        if params.target in ("failures", "failures+synthetic"):
             margin = 0.0
         chosen = select_training_scenarios(catalog, results, near_miss_margin=margin)
+        threshold = None
+        if params.target == "failures+synthetic":
+            # The synthetic scenarios made for this eval's failure patterns, checked again for
+            # near-duplicates of held-out prompts in the manifest's proof.
+            chosen = sorted([*chosen, *synthetic_for_eval(runtime, catalog, params.eval_tag)],
+                            key=lambda s: s.id)
+            threshold = runtime.cluster.config.synthesis.near_duplicate_threshold
         iteration = runtime.iteration + 1
         init_adapter = {
             "latest": runtime.candidate or runtime.champion,
@@ -158,7 +170,7 @@ class TrainService:
         manifest = build_manifest(
             scenarios=chosen, catalog=catalog, job_id=job_id, cluster=runtime.cluster.name,
             iteration=iteration, eval_tag=params.eval_tag, base_model=str(runtime.cluster.base_model),
-            init_adapter=init_adapter, near_miss_margin=margin,
+            init_adapter=init_adapter, near_miss_margin=margin, near_duplicate_threshold=threshold,
             metrics_log=f"logs/train-{job_id}.log", created_at=utc_stamp(),
         )
         spec = self.spec_for(runtime, params, job_id, iteration,
@@ -341,3 +353,11 @@ class TrainService:
         table.add("train.status", TrainJobRef, train_status, "Progress and metric history of a training job.")
         table.add("train.cancel", TrainCancelParams, train_cancel, "Stop a training job (the trainer saves).")
         table.add("diagnose.run", DiagnoseParams, diagnose_run, "Failure patterns of an eval.")
+
+
+def synthetic_for_eval(runtime: ClusterRuntime, catalog: ScenarioCatalog, eval_tag: str) -> list[Scenario]:
+    """The synthetic scenarios whose provenance names one of ``eval_tag``'s failure patterns."""
+    from modelsmith.loop.synth.governance import read_provenance
+
+    patterns = {p.pattern for p in diagnose_eval(runtime, eval_tag).patterns}
+    return select_synthetic(catalog, read_provenance(runtime.cluster.scenarios_dir), patterns)

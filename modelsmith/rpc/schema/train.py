@@ -29,7 +29,8 @@ class TrainStartParams(MutatingParams):
     cluster: str
     eval_tag: str
     method: Literal["grpo"] = "grpo"
-    target: Literal["failures", "failures+near_misses"] = "failures"
+    # failures+synthetic: the failures and the synthetic scenarios made for their patterns.
+    target: Literal["failures", "failures+near_misses", "failures+synthetic"] = "failures"
     # Where the adapter starts: "latest" = the newest candidate, else the champion, else the base.
     init: Literal["latest", "candidate", "champion", "base"] = "latest"
     overrides: TrainOverrides | None = None
