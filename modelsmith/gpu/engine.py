@@ -120,7 +120,8 @@ class TokenCompletion(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of an engine for status displays. ``pid`` is the engine-core process, if any."""
+    """A snapshot of an engine for status displays. ``pid`` is the engine-core process, if any;
+    ``node`` and ``node_gpus`` say where Ray placed it (None and empty for a local engine)."""
 
     name: str
     model: str
@@ -131,6 +132,8 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     adapters: list[str] = msgspec.field(default_factory=list)
     last_error: str | None = None
     pid: int | None = None
+    node: str | None = None  # where a Ray-placed engine runs (modelsmith.gpu.ray_engine)
+    node_gpus: list[str] = msgspec.field(default_factory=list)  # its GPU ids on that node
 
 
 @runtime_checkable

@@ -288,9 +288,11 @@ class EnginePool:
 
     def residents(self) -> list[tuple[EngineGate, int]]:
         """The gates of engines that live on this box's devices, with the GPUs each spans
-        (``tensor_parallel_size``); OpenAI-compatible engines live elsewhere."""
+        (``tensor_parallel_size``); OpenAI-compatible engines and engines in Ray actors
+        (kind "vllm-ray") live elsewhere."""
         return [(self._gates[key], spec.tensor_parallel_size)
-                for key, spec in self._specs.items() if spec.kind == "vllm"]
+                for key, spec in self._specs.items()
+                if spec.kind == "vllm" and self._engines[key].info().kind == "vllm"]
 
     def gate_for(self, cluster: str) -> EngineGate:
         self.engine_for(cluster)  # the typed error for a cluster without an engine
@@ -351,6 +353,8 @@ class EnginePool:
                     devices=list(gate.devices),
                     memory_mb=memory_mb(info.pid, gate.devices) if memory_mb and gate.devices else None,
                     users=gate.users,
+                    node=info.node,
+                    node_gpus=list(info.node_gpus),
                 )
             )
         return out

@@ -106,6 +106,7 @@ class VllmEngine:
         max_restart_backoff: float = 60.0,
         shutdown_timeout: float = 30.0,
         watch_interval: float = 0.25,
+        extra_engine_args: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
@@ -120,6 +121,8 @@ class VllmEngine:
             "dtype": dtype,
             "seed": seed,
             "disable_log_stats": True,
+            # e.g. a Ray executor and pipeline stages (modelsmith.gpu.ray_engine)
+            **(extra_engine_args or {}),
         }
         self._enforce_eager = enforce_eager
         self._restart_backoff = restart_backoff

@@ -17,7 +17,8 @@ class PingResult(msgspec.Struct, kw_only=True):
 class EngineStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One engine. ``state`` is "sleeping" while a trainer holds its GPU; ``devices`` are the
     device indices it lives on and ``memory_mb`` what its processes use there (NVML; absent on
-    the CPU); ``users`` the evals and adapter loads holding it awake now."""
+    the CPU); ``users`` the evals and adapter loads holding it awake now; ``node`` and
+    ``node_gpus`` where Ray placed it (``[ray]``: docs/scale.md)."""
 
     name: str
     kind: str
@@ -31,6 +32,8 @@ class EngineStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     devices: list[int] = []
     memory_mb: int | None = None
     users: int = 0
+    node: str | None = None
+    node_gpus: list[str] = []
 
 
 class ClusterLoadError(msgspec.Struct, kw_only=True):
