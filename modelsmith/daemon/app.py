@@ -35,6 +35,7 @@ from modelsmith.loop.autonomy.inbox import InboxWatcher
 from modelsmith.loop.autonomy.service import LoopService
 from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import Fleet
+from modelsmith.loop.eval.judge_check import JudgeService, engine_models
 from modelsmith.loop.eval.service import EvalService
 from modelsmith.loop.jobs.methods import register_job_methods
 from modelsmith.loop.jobs.registry import JobRegistry
@@ -78,7 +79,8 @@ class Daemon:
     started_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def __post_init__(self) -> None:
-        self.fleet = Fleet(self.home, judge_engines=frozenset(self.config.engines))
+        self.fleet = Fleet(self.home, judge_engines=frozenset(self.config.engines),
+                           judge_models=engine_models(self.config.engines, self.home))
         self.engines = EnginePool()
         # [engines.NAME]: a vLLM one is the pool's (one warm engine per base model, shared
         # with the clusters on it); OpenAI-compatible ones the registry runs itself.
@@ -89,6 +91,8 @@ class Daemon:
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
         self.promotions = PromotionService(self.fleet, self.engines, self.home)
+        self.judges = JudgeService(self.fleet, self.jobs, self.engines, self.named,
+                                   self.fleet.judge_models)
         self.loops = LoopService(self.fleet, self.jobs, self.evals, self.training, self.promotions)
         self.inbox = InboxWatcher(self.fleet, self.loops.trigger)
         self._shutdown = anyio.Event()
@@ -114,6 +118,7 @@ class Daemon:
         self.evals.register(self.table)
         self.training.register(self.table)
         self.promotions.register(self.table)
+        self.judges.register(self.table)
         self.loops.register(self.table)
 
     def status(self) -> DaemonStatus:

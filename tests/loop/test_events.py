@@ -40,7 +40,7 @@ def test_a_ledger_written_by_the_previous_release_opens_verifies_and_reduces(
     assert verify_file(path).ok and path.read_bytes() == before
     # The fixture holds one of every kind that release knew; later kinds are listed here.
     assert kinds == set(EVENT_TYPES) - {"adapter.checked", "synth.finished", "synth.failed",
-                                        "scenarios.accepted"}
+                                        "scenarios.accepted", "judge.checked"}
     assert state.iteration == 1 and state.candidate is None
     assert state.champion is None and state.champion_eval_tag == "base"  # rolled back to base
     assert state.pending_promotion is None

@@ -14,7 +14,7 @@ from modelsmith.rpc.schema.promotion import PolicyReport
 
 ALL_CHECKS = {"cluster_state", "candidate", "eval_found", "eval_full", "eval_of_candidate",
               "adapter_hash", "scenario_sets", "composite", "held_out", "regressions", "paired_regression",
-              "training_manifest", "leakage"}
+              "training_manifest", "leakage", "judge_agreement"}
 
 
 def failed(report: PolicyReport) -> set[str]:

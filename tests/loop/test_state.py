@@ -159,3 +159,20 @@ def test_no_event_is_planned_when_nothing_changes() -> None:
     loop = LoopRecord(state=S.IDLE, active=False)
     assert plan_transition(loop, S.IDLE, "loop.stop", active=False, run=RunCounters(),
                            paused_from=None) is None
+
+
+def test_the_latest_judge_check_of_each_identity_is_kept() -> None:
+    from modelsmith.loop.records.events import JudgeChecked
+
+    def checked(identity: str, kappa: float, job: str) -> JudgeChecked:
+        return JudgeChecked(judge="grader", job_id=job, engine="grader", engine_model="m",
+                            template_sha256="t" * 64, calibration_version="v" * 64,
+                            identity=identity, examples=8, answered=8, repeats=3, pass_mark=0.6,
+                            scale=5.0, exact_rate=0.5, within_one_rate=0.9, kappa=kappa,
+                            spearman=0.8)
+
+    states = _states([checked("a", 0.2, "j1"), checked("b", 0.9, "j2"), checked("a", 0.7, "j3")])
+    final = states[-1]
+    assert set(final.judge_checks) == {"a", "b"}
+    assert final.judge_checks["a"].kappa == 0.7 and final.judge_checks["a"].job_id == "j3"
+    assert states[0].phase == S.IDLE  # a check changes nothing else

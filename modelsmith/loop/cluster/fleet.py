@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -50,6 +50,7 @@ class ClusterRuntime:
     status_error: str | None = None
     inbox_left: dict[str, str] = field(default_factory=dict)  # drops that could not be moved
     judge_engines: frozenset[str] | None = None  # names a judge may use besides "cluster"
+    judge_models: Mapping[str, str] | None = None  # each named engine's model (judge identity)
     ledger: Ledger | None = None
     catalog: ScenarioCatalog | None = None
     state: ClusterState = field(default_factory=ClusterState)
@@ -241,15 +242,18 @@ class Fleet:
     """``judge_engines``: the named engines a scenario's judge may name (besides ``cluster``);
     None accepts any name (a fleet opened without the daemon's config)."""
 
-    def __init__(self, home: Path, *, judge_engines: frozenset[str] | None = None) -> None:
+    def __init__(self, home: Path, *, judge_engines: frozenset[str] | None = None,
+                 judge_models: Mapping[str, str] | None = None) -> None:
         self.home = home
         self.judge_engines = judge_engines
+        self.judge_models = judge_models
         self.runtimes: dict[str, ClusterRuntime] = {}
         self.problems: list[ClusterProblem] = []
 
     def discover(self) -> None:
         clusters, self.problems = discover_clusters(self.home)
-        self.runtimes = {name: ClusterRuntime(cluster=c, judge_engines=self.judge_engines)
+        self.runtimes = {name: ClusterRuntime(cluster=c, judge_engines=self.judge_engines,
+                                              judge_models=self.judge_models)
                          for name, c in clusters.items()}
 
     def get(self, name: str) -> ClusterRuntime:

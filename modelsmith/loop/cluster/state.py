@@ -25,6 +25,7 @@ from modelsmith.loop.records.events import (
     EvalFinished,
     EvalStarted,
     IterationAdvanced,
+    JudgeChecked,
     LedgerEvent,
     LoopTransition,
     PromotionApproved,
@@ -83,6 +84,8 @@ class ClusterState:
     loop: LoopRecord = field(default_factory=LoopRecord)
     # The last canary check of each adapter: "verified", "unverified" or "failed".
     adapter_checks: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The latest judge.checked of each judge identity (engine + model, template, calibration set).
+    judge_checks: Mapping[str, JudgeChecked] = field(default_factory=lambda: MappingProxyType({}))
 
     def adapter_failed_check(self, adapter: str) -> bool:
         """True when ``adapter``'s last canary check failed (it must not be served)."""
@@ -147,6 +150,8 @@ def apply(state: ClusterState, recorded: Recorded[LedgerEvent]) -> ClusterState:
         case AdapterChecked():
             return replace(state, adapter_checks=_with(state.adapter_checks, event.adapter,  # type: ignore[arg-type]
                                                        event.status))
+        case JudgeChecked():
+            return replace(state, judge_checks=_with(state.judge_checks, event.identity, event))  # type: ignore[arg-type]
         case LoopTransition():
             paused_from = LoopState(event.paused_from) if event.paused_from else None
             return replace(state, loop=LoopRecord(state=LoopState(event.to), active=event.active,

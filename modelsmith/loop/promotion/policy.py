@@ -22,6 +22,10 @@ outcome, so an agent learns everything it has to fix from one call. Rules (stabl
 ``training_manifest``   the candidate's training manifest exists and matches the ledger
 ``leakage``             the manifest's own leakage check passed, and none of its training
                         scenarios (by id, content hash or prompt hash) is in today's held-out set
+``judge_agreement``     every judge the eval's scenarios use has a ``judge check`` of its current
+                        identity (engine + model, template, calibration set) with Cohen's kappa
+                        >= ``[policy] min_judge_agreement`` (passes when that is unset;
+                        docs/judges.md)
 
 Blocking (reads files, hashes an adapter): call it from a worker thread.
 """
@@ -167,6 +171,7 @@ def check_policy(runtime: ClusterRuntime, eval_tag: str | None = None) -> GateEv
                    f"sets changed since the eval: {', '.join(stale)}; run a new full eval")
     _check_scores(runtime, summary, checks, evidence)
     _check_training(runtime, ledger, candidate, checks, evidence)
+    _check_judges(runtime, summary, checks, evidence)
 
     passed = all(item.passed for item in checks.items)
     paired = evidence.extra.get("paired")
@@ -388,3 +393,14 @@ def _check_leakage(runtime: ClusterRuntime, manifest: dict[str, Any], checks: _C
     checks.add("leakage", not problems,
                "; ".join(problems) if problems else
                f"none of {len(trained_ids)} training scenarios is among {len(held_ids)} held-out")
+
+
+def _check_judges(runtime: ClusterRuntime, summary: EvalSummary | None, checks: _Checks,
+                  evidence: GateEvidence) -> None:
+    from modelsmith.loop.eval.judge_check import judge_gate
+
+    sets = set(summary.scenario_sets) if summary is not None else set()
+    scenarios = [s for s in runtime.require_catalog().all() if s.set in sets]
+    passed, detail, standing = judge_gate(runtime, scenarios, runtime.judge_models)
+    evidence.extra["judges"] = standing
+    checks.add("judge_agreement", passed, detail)
