@@ -19,6 +19,7 @@ from modelsmith.clients import (
     commands_loop,
     commands_mcp,
     commands_promote,
+    commands_report,
     commands_train,
     render,
 )
@@ -37,8 +38,8 @@ from modelsmith.rpc.schema.jobs import JobList, JobSummary
 Command = Callable[[argparse.Namespace], int]
 
 # Each command module adds its commands to the parser: register(subparsers, add).
-COMMAND_MODULES = (commands_eval, commands_train, commands_promote, commands_mcp, commands_config,
-                   commands_loop)
+COMMAND_MODULES = (commands_eval, commands_report, commands_train, commands_promote, commands_mcp,
+                   commands_config, commands_loop)
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -165,6 +165,10 @@ class NamedEngines:
             )
         return config
 
+    def model(self, name: str) -> str:
+        """What the engine serves: an OpenAI model id (or served name), a vLLM model dir."""
+        return self.config(name).model
+
     def kind(self, name: str) -> Literal["vllm", "openai"]:
         return self.config(name).kind
 

@@ -65,6 +65,7 @@ async def test_the_bundle_holds_everything_it_shows_and_verifies(
                 "analysis/diff.json", "analysis/comparison.json", "analysis/failure-patterns.json",
                 "analysis/training-curve.json", "analysis/composite-by-iteration.json",
                 "charts/training-curve.svg", "charts/composite-by-iteration.svg",
+                "analysis/receipts.json", "charts/receipts.svg",
                 "training/training_manifest.json", "training/leakage-proof.json",
                 "training/run.json", MANIFEST, "MANIFEST.sig", TARBALL}
     assert {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} \
@@ -82,6 +83,41 @@ async def test_the_bundle_holds_everything_it_shows_and_verifies(
     assert proof["ok"] is True and proof["overlapping_ids"] == []
     assert verify_bundle(directory) == []
     assert verify_bundle(directory, service.key().public_key_b64) == []
+
+
+async def test_the_bundle_carries_the_receipts_as_of_the_request(
+    tmp_path: Path, alice: Reviewer
+) -> None:
+    home = PromotionHome(tmp_path / "home")
+    home.trained_candidate()
+    home.add_eval("frontier-full", None, set(), engine="frontier")  # a named engine: all fail
+    home.add_eval("frontier-quick", None, set(), engine="frontier", quick=True)  # not a receipt
+    home.add_eval("old-sets", None, set(), engine="oldie", scenario_sets={"core": "0" * 64,
+                                                                        "held-out": "1" * 64})
+    fleet, runtime = home.open()
+    pool, _ = engine_pool_for(runtime.cluster)
+    service = PromotionService(fleet, pool, home.home)
+    requested = await service.request(CLUSTER, ME, note="ready")
+    home.add_eval("later-full", None, set(), engine="later")  # after the request: not in it
+    exported = await service.export_bundle(CLUSTER, requested.request_id)
+    directory = Path(exported.directory)
+
+    receipt = json.loads((directory / "analysis/receipts.json").read_text())
+    rows = {r["subject"]: r for r in receipt["rows"]}
+    assert set(rows) == {"base", "champion", "candidate iter-1", "frontier", "oldie"}
+    assert rows["candidate iter-1"]["status"] == "current" and rows["candidate iter-1"]["rank"] == 1
+    assert rows["candidate iter-1"]["tag"] == "iter-1-full"
+    assert rows["base"]["status"] == "current" and rows["base"]["tag"] == "base-eval"
+    assert rows["frontier"]["tag"] == "frontier-full" and rows["frontier"]["composite"] == 0.0
+    assert rows["frontier"]["rank"] == 3
+    assert rows["champion"]["status"] == "missing"
+    assert rows["oldie"]["status"] == "stale" and rows["oldie"]["rank"] is None
+    assert [r["rank"] for r in receipt["rows"]][:3] == [1, 2, 3]  # ranked rows first
+    html = (directory / "index.html").read_text()
+    assert "<h2>Receipts</h2>" in html and "frontier-full" in html and "later-full" not in html
+    svg = (directory / "charts/receipts.svg").read_text()
+    assert svg.startswith("<svg") and svg in html
+    assert verify_bundle(directory) == []
 
 
 async def test_the_page_is_self_contained_with_inline_svg_charts(

@@ -35,7 +35,12 @@ from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.run import group_scores, weighted_mean
 from modelsmith.loop.eval.stats import bootstrap_ci95
-from modelsmith.loop.records.events import EvalFinished, IterationAdvanced, ScenariosChanged
+from modelsmith.loop.records.events import (
+    EvalFinished,
+    EvalStarted,
+    IterationAdvanced,
+    ScenariosChanged,
+)
 from modelsmith.loop.records.ledger import Ledger
 from modelsmith.loop.records.ssh_sign import NAMESPACE, sign_with_ssh_keygen
 from modelsmith.loop.scoring.scenarios import load_catalog, scenario_hash
@@ -223,7 +228,8 @@ class PromotionHome:
     # -- evals ----------------------------------------------------------------------------------
     def add_eval(self, tag: str, adapter: str | None, passed_ids: set[str], *,
                  type: str = "full", quick: bool = False, iteration: int = 0,
-                 scenario_sets: dict[str, str] | None = None) -> EvalSummary:
+                 scenario_sets: dict[str, str] | None = None,
+                 engine: str | None = None) -> EvalSummary:
         wanted = {"full": CORE_IDS + HELD_IDS, "core": CORE_IDS, "held_out": HELD_IDS}[type]
         results = [self._result(i, i in passed_ids) for i in sorted(wanted)]
         directory = self.root / "evals" / tag
@@ -237,11 +243,15 @@ class PromotionHome:
         if adapter is not None:
             manifest = json.loads((self.root / "adapters" / adapter / "manifest.json").read_text())
             adapter_hash = manifest["adapter_sha256"]
+        sets = scenario_sets or self.catalog.versions()
+        self.ledger.append(EvalStarted(tag=tag, job_id=f"job-{tag}", type=type, quick=quick,
+                                       scenarios=len(results), scenario_sets=sets,
+                                       adapter=adapter, adapter_hash=adapter_hash, engine=engine))
         summary = EvalSummary(
-            cluster=CLUSTER, tag=tag, job_id=f"job-{tag}", type=type, quick=quick,
+            cluster=CLUSTER, tag=tag, job_id=f"job-{tag}", type=type, quick=quick, engine=engine,
             model="tiny-llama", base_model=str(self.root / "models/tiny-llama"),
             iteration=iteration, adapter=adapter, adapter_hash=adapter_hash,
-            scenario_sets=scenario_sets or self.catalog.versions(), scenarios=len(results),
+            scenario_sets=sets, scenarios=len(results),
             scored=len(results), judge_errors=0, composite=composite, held_out=held_out,
             by_set=group_scores(results, "set"), by_tag=group_scores(results, "tags"),
             gates={"composite": GateResult(value=composite, threshold=0.8,
@@ -257,7 +267,7 @@ class PromotionHome:
         self.ledger.append(EvalFinished(
             tag=tag, job_id=summary.job_id, composite=composite, held_out=held_out,
             passed=summary.passed, summary_sha256=hashlib.sha256(summary_bytes).hexdigest(),
-            results_sha256=summary.results_sha256, adapter=adapter))
+            results_sha256=summary.results_sha256, adapter=adapter, engine=engine))
         return summary
 
     def _result(self, scenario_id: str, passed: bool) -> ScenarioResult:

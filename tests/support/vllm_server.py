@@ -36,15 +36,18 @@ class VllmServer:
 
 
 @contextlib.contextmanager
-def vllm_serve(model_dir: Path, log_dir: Path, *, max_model_len: int = 256) -> Iterator[VllmServer]:
+def vllm_serve(model_dir: Path, log_dir: Path, *, max_model_len: int = 256,
+               served_name: str | None = None) -> Iterator[VllmServer]:
+    """Serve ``model_dir``; its model name is ``served_name`` (``--served-model-name``) when
+    given, else the directory as vLLM names it. ``log_dir`` gets ``vllm-serve-PORT.log``."""
     port = free_port()
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log_path = log_dir / "vllm-serve.log"
+    log_path = log_dir / f"vllm-serve-{port}.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--enable-lora", "--max-lora-rank", "8",
                "--max-loras", "4", "--max-model-len", str(max_model_len), "--enforce-eager",
-               "--dtype", "float32"]
+               "--dtype", "float32", *(["--served-model-name", served_name] if served_name else [])]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
@@ -63,7 +66,8 @@ def vllm_serve(model_dir: Path, log_dir: Path, *, max_model_len: int = 256) -> I
             if time.monotonic() > deadline:
                 raise AssertionError(f"vllm serve not ready in {SERVE_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield VllmServer(url=url, model=str(model_dir), process=process, log_path=log_path)
+        yield VllmServer(url=url, model=served_name or str(model_dir), process=process,
+                         log_path=log_path)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

@@ -164,6 +164,7 @@ def to_result(s: Scenario, response: str, finish: str | None, tokens: int | None
             CriterionOutcome(
                 name=c.name, type=c.type, weight=c.weight, score=c.score, passed=c.passed,
                 detail=c.detail, error_kind=c.error_kind, counts_as=counts_as,
+                reasoning=c.reasoning, parts=c.parts,
             )
             for c, counts_as in zip(rs.criteria, classes, strict=True)
         ],
@@ -221,6 +222,7 @@ class EvalPlan:
     repeats: int = 1
     temperature: float | None = None  # None: the cluster's eval sampling temperature
     engine: str | None = None  # a named engine ([engines.NAME]); None: the cluster's own
+    engine_model: str | None = None  # what the named engine serves (its model id or dir)
 
 
 def select_scenarios(
@@ -280,8 +282,8 @@ def summarize(
         job_id=job_id,
         type=plan.type,
         quick=plan.quick,
-        model=runtime.cluster.model_name,
-        base_model=str(runtime.cluster.base_model),
+        model=plan.engine_model or runtime.cluster.model_name,
+        base_model=plan.engine_model or str(runtime.cluster.base_model),
         iteration=runtime.iteration,
         adapter=plan.adapter,
         adapter_hash=plan.adapter_hash,

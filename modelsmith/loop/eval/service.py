@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from modelsmith.clock import utc_stamp
 from modelsmith.errors import ConflictError, NotFound, ValidationError, error_envelope
 from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engines import EnginePool
@@ -18,6 +19,7 @@ from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.eval.aggregate import by_scenario
 from modelsmith.loop.eval.answers import eval_sampling
 from modelsmith.loop.eval.judges import hold_named, judge_engine_names, judge_engines
+from modelsmith.loop.eval.report import build_report, full_evals
 from modelsmith.loop.eval.run import (
     RESULTS_FILE,
     EvalPlan,
@@ -42,6 +44,8 @@ from modelsmith.rpc.schema.evals import (
     EvalListEntry,
     EvalListParams,
     EvalRef,
+    EvalReport,
+    EvalReportParams,
     EvalResults,
     EvalResultsParams,
     EvalRunParams,
@@ -156,6 +160,7 @@ class EvalService:
             scenario_sets=catalog.versions(), adapter=adapter, adapter_path=adapter_path,
             adapter_hash=adapter_hash, workers=workers,
             repeats=repeats, temperature=temperature, engine=params.engine,
+            engine_model=self.named.model(params.engine) if params.engine is not None else None,
         )
 
     def baseline(self, runtime: ClusterRuntime) -> tuple[str, list[Any]] | None:
@@ -304,6 +309,10 @@ class EvalService:
             ]
             return EvalList(cluster=params.cluster, evals=entries)
 
+        async def eval_report(params: EvalReportParams, ctx: CallContext) -> EvalReport:
+            runtime = self.fleet.get(params.cluster)
+            return await anyio.to_thread.run_sync(self.report, runtime, params.engines)
+
         async def scenarios_list(params: ScenarioSetsParams, ctx: CallContext) -> ScenarioSets:
             return await anyio.to_thread.run_sync(self.scenario_sets, params.cluster, False)
 
@@ -315,9 +324,30 @@ class EvalService:
         table.add("eval.results", EvalResultsParams, eval_results, "Per-scenario results (failed by default).")
         table.add("eval.compare", EvalCompareParams, eval_compare, "Fixed / regressed / unchanged between two evals.")
         table.add("eval.list", EvalListParams, eval_list, "Finished evals of a cluster, from its ledger.")
+        table.add("eval.report", EvalReportParams, eval_report,
+                  "The receipts: base, champion, candidate and named engines on the current sets, ranked.")
         table.add("scenarios.list", ScenarioSetsParams, scenarios_list, "Governed sets, versions and counts.")
         table.add("scenarios.verify", ScenarioSetsParams, scenarios_verify,
                   "Re-read the scenario files; a changed set becomes a new version in the ledger.")
+
+    def report(self, runtime: ClusterRuntime, engines: list[str] | None) -> EvalReport:
+        """:func:`~modelsmith.loop.eval.report.build_report` for the cluster's state now: every
+        configured named engine and every one with an eval in the ledger, or ``engines``."""
+        entries = runtime.require_ledger().recorded()
+        seen = sorted({e.engine for e in full_evals(entries) if e.engine is not None})
+        known = list(dict.fromkeys([*self.named.names(), *seen]))
+        if engines is None:
+            engines = known
+        for name in engines:
+            if name not in known:
+                raise NotFound(f"no engine {name!r} in the config or the ledger of "
+                               f"{runtime.cluster.name} (known: {', '.join(known) or 'none'})",
+                               data={"engine": name, "known": known})
+        state = runtime.state
+        return build_report(runtime.cluster.name, runtime.cluster.evals_dir(), entries,
+                            versions=dict(state.scenario_versions), champion=state.champion,
+                            candidate=state.candidate, engines=list(dict.fromkeys(engines)),
+                            generated_at=utc_stamp())
 
     def scenario_sets(self, cluster: str, reload: bool) -> ScenarioSets:
         from modelsmith.errors import ModelsmithError

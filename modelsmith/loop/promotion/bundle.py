@@ -253,6 +253,30 @@ def _find(events: Sequence[Recorded[LedgerEvent]], kinds: tuple[type[Any], ...],
     return found[-1] if found else None
 
 
+def receipts(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], request: dict[str, Any],
+             candidate_summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The receipts as of the request: the ledger up to its ``promotion.requested``, the set
+    versions the candidate was evaluated on, every named engine evaluated by then."""
+    from modelsmith.loop.eval.report import build_report, full_evals, report_table
+
+    request_id = request.get("request_id")
+    upto: list[Recorded[LedgerEvent]] = []
+    generated_at = ""
+    for recorded in entries:
+        upto.append(recorded)
+        if isinstance(recorded.event, PromotionRequested) and recorded.event.request_id == request_id:
+            generated_at = recorded.ts
+            break
+    versions = dict((candidate_summary or {}).get("scenario_sets") or {})
+    engines = sorted({e.engine for e in full_evals(upto) if e.engine is not None})
+    report = build_report(cluster.name, cluster.root / "evals", upto, versions=versions,
+                          champion=(request.get("champion") or {}).get("adapter"),
+                          candidate=(request.get("adapter") or {}).get("name"),
+                          engines=engines, generated_at=generated_at)
+    return {"cluster": report.cluster, "as_of": generated_at, "scenario_sets": report.scenario_sets,
+            "tags": report.tags, "rows": report_table(report)}
+
+
 def _manifest_text(files: dict[str, bytes]) -> bytes:
     return "".join(f"{sha256_hex(data)}  {name}\n"
                    for name, data in sorted(files.items())).encode()
@@ -266,7 +290,11 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
     the ledger has no such request.
     """
     from modelsmith.loop.eval.run import RESULTS_FILE, read_results
-    from modelsmith.loop.promotion.bundle_charts import composite_chart, training_chart
+    from modelsmith.loop.promotion.bundle_charts import (
+        composite_chart,
+        receipts_chart,
+        training_chart,
+    )
     from modelsmith.loop.promotion.bundle_html import BundlePage, render_page
 
     root = cluster.root
@@ -330,6 +358,10 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
     composite_svg = composite_chart(by_iteration, threshold)
     files["charts/training-curve.svg"] = training_svg.encode()
     files["charts/composite-by-iteration.svg"] = composite_svg.encode()
+    receipt = receipts(cluster, entries, request, candidate[1] if candidate else None)
+    receipts_svg = receipts_chart(receipt["rows"], threshold)
+    files["analysis/receipts.json"] = _json_bytes(receipt)
+    files["charts/receipts.svg"] = receipts_svg.encode()
 
     listing = [(name, sha256_hex(data), len(data))
                for name, data in sorted(files.items())]
@@ -339,7 +371,8 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
         baseline_summary=baseline[1] if baseline else None, baseline_label=baseline_label,
         diff=diff, comparison=compared, failure_patterns=patterns, training_manifest=manifest,
         training_run=run, leakage_proof=proof,
-        training_chart_svg=training_svg, composite_chart_svg=composite_svg, files=listing)
+        training_chart_svg=training_svg, composite_chart_svg=composite_svg, files=listing,
+        receipts=receipt, receipts_chart_svg=receipts_svg)
     files["index.html"] = render_page(page).encode()
     manifest_bytes = _manifest_text(files)
     files[MANIFEST] = manifest_bytes

@@ -10,7 +10,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["composite_chart", "training_chart"]
+__all__ = ["composite_chart", "receipts_chart", "training_chart"]
 
 
 def _svg(figure: Any, salt: str) -> str:
@@ -91,3 +91,42 @@ def composite_chart(points: Sequence[dict[str, Any]], threshold: float | None) -
         axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
                     frameon=False)
     return _svg(figure, "composite")
+
+
+def receipts_chart(rows: Sequence[dict[str, Any]], threshold: float | None) -> str:
+    """Composite (with its interval) and held-out of each ranked subject of the receipts, best
+    first; stale, missing and unverified rows are in the table only."""
+    from matplotlib.figure import Figure
+
+    ranked = [r for r in rows if r.get("rank") is not None and r.get("composite") is not None]
+    figure = Figure(figsize=(9, 0.5 + 0.45 * max(2, len(ranked))), layout="constrained")
+    axis = figure.subplots()
+    labels = [f"{r['rank']}. {r['subject']}" for r in ranked]
+    ys = list(range(len(ranked)))[::-1]  # the best at the top
+    composite = [float(r["composite"]) for r in ranked]
+    axis.barh([y + 0.18 for y in ys], composite, height=0.36, color="#1f6feb", label="composite")
+    bars = [(y + 0.18, c, ci) for y, c, r in zip(ys, composite, ranked, strict=True)
+            if (ci := _interval(r, "composite_ci95")) is not None]
+    if bars:
+        axis.errorbar([c for _, c, _ in bars], [y for y, _, _ in bars],
+                      xerr=[[max(0.0, c - ci[0]) for _, c, ci in bars],
+                            [max(0.0, ci[1] - c) for _, c, ci in bars]],
+                      fmt="none", ecolor="#0b3d91", elinewidth=1.1, capsize=3,
+                      label="composite 95% interval")
+    held = [(y - 0.18, float(r["held_out"])) for y, r in zip(ys, ranked, strict=True)
+            if r.get("held_out") is not None]
+    if held:
+        axis.barh([y for y, _ in held], [v for _, v in held], height=0.36, color="#8250df",
+                  label="held-out")
+    if threshold is not None:
+        axis.axvline(threshold, color="#b42318", linestyle="--", linewidth=1, label="threshold")
+    if not ranked:
+        axis.text(0.5, 0.5, "no subject has a full eval of these sets", ha="center",
+                  va="center", transform=axis.transAxes)
+    axis.set_yticks(ys, labels)
+    axis.set_xlim(0, 1.05)
+    axis.set_xlabel("score")
+    axis.grid(axis="x", alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    return _svg(figure, "receipts")

@@ -69,6 +69,8 @@ class BundlePage:
     training_chart_svg: str
     composite_chart_svg: str
     files: Sequence[tuple[str, str, int]]  # (path, sha256, size)
+    receipts: dict[str, Any] | None = None  # bundle.receipts: base, champion, candidate, engines
+    receipts_chart_svg: str = ""
 
 
 def _e(value: object) -> str:
@@ -245,6 +247,30 @@ def _by_tag(page: BundlePage) -> str:
         "the candidate's summary has no tags")
 
 
+def _receipts(page: BundlePage) -> str:
+    receipt = page.receipts or {}
+    rows = []
+    for row in receipt.get("rows", []):
+        shown = row.get("status") in ("current", "stale")
+        status = row.get("status")
+        rows.append((_e(row.get("rank")), escape(str(row.get("subject"))),
+                     f"<code>{_e(row.get('tag'))}</code>", _e(status),
+                     _pct(row.get("composite")) if shown else "—",
+                     _ci(row.get("composite_ci95")) if shown else "—",
+                     _pct(row.get("held_out")) if shown else "—",
+                     _pct(row.get("pass_rate")) if shown else "—",
+                     _e(row.get("latency_p50_s")), _e(row.get("latency_p95_s")),
+                     _e(row.get("cost_per_1k_scenarios_usd")), _e(row.get("note"))))
+    sets = ", ".join(f"{k} {str(v)[:12]}" for k, v in sorted((receipt.get("scenario_sets") or {}).items()))
+    return ("<h2>Receipts</h2><p class='muted'>The base model, champion, candidate and each named "
+            "engine on the sets the candidate was evaluated on (" + escape(sets or "—") + "), as of "
+            "the request; ranked by composite. Stale rows ran on older set versions and are not "
+            "ranked.</p>"
+            + (f'<div class="chart">{page.receipts_chart_svg}</div>' if page.receipts_chart_svg else "")
+            + _table(["#", "subject", "eval", "status", "composite", "95% interval", "held-out",
+                      "pass", "p50 s", "p95 s", "$ / 1k", "note"], rows, "no receipts"))
+
+
 def _gate(page: BundlePage) -> str:
     rows = [(f"<code>{_e(c.get('check'))}</code>", _mark(c.get("passed")), _e(c.get("detail")))
             for c in page.request.get("gate", [])]
@@ -390,6 +416,7 @@ def render_page(page: BundlePage) -> str:
         "<h2>Composite by iteration</h2>",
         f'<div class="chart">{page.composite_chart_svg}</div>',
         _by_tag(page),
+        _receipts(page),
         _diff(page),
         _patterns(page),
         _training(page),

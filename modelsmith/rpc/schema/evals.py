@@ -126,6 +126,10 @@ class CriterionOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     detail: str
     error_kind: str | None = None
     counts_as: Literal["format", "substance", "both"] | None = None  # both: a choice's label
+    # A structured judge's reasoning (label, rubric_judge): for reviewers, never shown to the
+    # judged model; and a rubric judge's normalised score per named criterion.
+    reasoning: str | None = None
+    parts: dict[str, float] | None = None
 
 
 class ScenarioResult(msgspec.Struct, kw_only=True):
@@ -269,3 +273,52 @@ class ScenarioSets(msgspec.Struct, kw_only=True):
     sets: list[ScenarioSetInfo]
     changed: list[str]
     error: dict[str, Any] | None = None
+
+
+class EvalReportParams(QueryParams):
+    """``eval.report``: the receipts. ``engines`` limits the named engines shown (default: every
+    configured one and every one with an eval in the ledger)."""
+
+    cluster: str
+    engines: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
+
+
+ReportRole = Literal["base", "champion", "candidate", "engine"]
+ReportStatus = Literal["current", "stale", "missing", "unverified"]
+
+
+class ReportRow(msgspec.Struct, kw_only=True):
+    """One subject's latest full eval. ``status``: current (on the current set versions: ranked),
+    stale (only evals of older set versions exist: shown, never ranked), missing (no full eval),
+    unverified (its summary.json does not match the digest the ledger holds: nothing shown)."""
+
+    subject: str  # "base", "champion iter-2", "candidate iter-3", or the engine's name
+    role: ReportRole
+    status: ReportStatus
+    rank: int | None = None  # 1 = best composite among the current rows; ties share a rank
+    tag: str | None = None
+    adapter: str | None = None
+    engine: str | None = None
+    model: str | None = None
+    finished_at: str | None = None
+    scenario_sets: dict[str, str] = {}
+    scenarios: int | None = None
+    composite: float | None = None
+    composite_ci95: list[float] | None = None
+    held_out: float | None = None
+    pass_rate: float | None = None
+    by_tag: dict[str, float] = {}
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    cost_per_1k_scenarios_usd: float | None = None
+    note: str | None = None
+
+
+class EvalReport(msgspec.Struct, kw_only=True):
+    """``eval.report``: base, champion, candidate and named engines side by side."""
+
+    cluster: str
+    generated_at: str
+    scenario_sets: dict[str, str]  # the current versions of the governed sets compared
+    tags: list[str]  # the union of the rows' tags, sorted (the per-tag columns)
+    rows: list[ReportRow]
