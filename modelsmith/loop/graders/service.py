@@ -54,8 +54,9 @@ def import_graders(runtime: ClusterRuntime, params: ImportGradersParams) -> Impo
         if path.exists():
             raise ConflictError(f"{path} exists: import under another --name, or remove it",
                                 data={"file": str(path)})
-    existing = runtime.read_catalog()
-    taken = sorted(s.id for s in scenarios if existing.get(s.id) is not None)
+    # A cluster with no scenarios folder yet has no ids to collide with.
+    existing = runtime.read_catalog() if runtime.cluster.scenarios_dir.is_dir() else None
+    taken = sorted(s.id for s in scenarios if existing is not None and existing.get(s.id))
     if taken:
         raise ConflictError(f"scenario id(s) already in cluster {runtime.cluster.name}: "
                             + ", ".join(taken[:5]), data={"ids": taken[:20]})

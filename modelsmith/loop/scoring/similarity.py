@@ -7,7 +7,8 @@ a maintained library (nothing here re-implements one):
   fuzzy match OpenAI's graders guide shows);
 - ``bleu``: sacrebleu ``sentence_bleu`` (its default tokenizer and exponential smoothing), / 100;
 - ``gleu``: NLTK ``sentence_gleu`` (Google BLEU) on whitespace tokens;
-- ``rouge_1`` .. ``rouge_5``, ``rouge_l``: Google's rouge-score F-measure (no stemming).
+- ``rouge_1`` .. ``rouge_5``, ``rouge_l``: Google's rouge-score F-measure (no stemming; its
+  tokenizer's lowercased alphanumeric runs, in every script, not ASCII only).
 
 A metric scores in [0, 1]: the criterion's credit is that value (a smooth GRPO reward), and the
 criterion passes at ``pass_threshold``. The score is pure and local, so the GRPO trainer scores
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Annotated, Any, ClassVar, Final, Literal
 
 from msgspec import Meta
@@ -64,11 +66,21 @@ def _cut_tokens(text: str) -> tuple[list[str], bool]:
     return tokens[:MAX_TOKENS], len(tokens) > MAX_TOKENS
 
 
+class _UnicodeWords:
+    """rouge-score's default tokenizer, lowercased runs of ``[a-z0-9]``, extended to every
+    script: the same tokens for ASCII text, and a non-English answer is not empty to it."""
+
+    _WORD: Final = re.compile(r"[^\W_]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._WORD.findall(text.lower())
+
+
 @functools.lru_cache(maxsize=8)
 def _rouge_scorer(key: str) -> Any:
     from rouge_score import rouge_scorer  # NLTK's stemmer module comes with it: import on use
 
-    return rouge_scorer.RougeScorer([key], use_stemmer=False)
+    return rouge_scorer.RougeScorer([key], use_stemmer=False, tokenizer=_UnicodeWords())
 
 
 def _fuzzy(answer: str, reference: str) -> float:
