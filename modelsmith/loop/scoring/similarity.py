@@ -13,8 +13,8 @@ a maintained library (nothing here re-implements one):
 A metric scores in [0, 1]: the criterion's credit is that value (a smooth GRPO reward), and the
 criterion passes at ``pass_threshold``. The score is pure and local, so the GRPO trainer scores
 it exactly as the eval does. Answers are bounded before a metric sees them (ROUGE-L is quadratic
-in the tokens): past :data:`MAX_TOKENS` tokens (or :data:`MAX_CHARS` characters for the fuzzy
-match) the text is cut, and the detail says so.
+in the tokens): past :data:`MAX_TOKENS` tokens (:data:`MAX_LCS_TOKENS` for ROUGE-L,
+:data:`MAX_CHARS` characters for the fuzzy match) the text is cut, and the detail says so.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from msgspec import Meta
 
 from modelsmith.loop.scoring.criterion_base import CriterionBase, InvalidField
 
-__all__ = ["MAX_CHARS", "MAX_TOKENS", "METRICS", "SimilarityCriterion", "similarity"]
+__all__ = ["MAX_CHARS", "MAX_LCS_TOKENS", "MAX_TOKENS", "METRICS", "SimilarityCriterion", "similarity"]
 
 Metric = Literal[
     "fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"
@@ -37,6 +37,9 @@ METRICS: Final[tuple[str, ...]] = Metric.__args__  # type: ignore[attr-defined]
 
 #: tokens (whitespace words) a token metric compares at most, per side
 MAX_TOKENS: Final = 1000
+#: tokens ROUGE-L compares at most, per side (its LCS is quadratic: bench/similarity_cost.py
+#: measured 0.54 s per answer at 1,000 tokens, about 35 ms at 256)
+MAX_LCS_TOKENS: Final = 256
 #: characters the fuzzy match compares at most, per side
 MAX_CHARS: Final = 20_000
 
@@ -61,9 +64,9 @@ class SimilarityCriterion(CriterionBase, frozen=True, tag="similarity"):
         return self.value is None
 
 
-def _cut_tokens(text: str) -> tuple[list[str], bool]:
+def _cut_tokens(text: str, limit: int = MAX_TOKENS) -> tuple[list[str], bool]:
     tokens = text.split()
-    return tokens[:MAX_TOKENS], len(tokens) > MAX_TOKENS
+    return tokens[:limit], len(tokens) > limit
 
 
 class _UnicodeWords:
@@ -117,7 +120,8 @@ def similarity(metric: str, answer: str, reference: str) -> tuple[float, bool]:
         cut = len(answer) > MAX_CHARS or len(reference) > MAX_CHARS
         value = _fuzzy(answer[:MAX_CHARS], reference[:MAX_CHARS])
     else:
-        (a, cut_a), (r, cut_r) = _cut_tokens(answer), _cut_tokens(reference)
+        limit = MAX_LCS_TOKENS if metric == "rouge_l" else MAX_TOKENS
+        (a, cut_a), (r, cut_r) = _cut_tokens(answer, limit), _cut_tokens(reference, limit)
         cut = cut_a or cut_r
         if metric == "bleu":
             value = _bleu(a, r)
