@@ -30,7 +30,15 @@ CRITERIA: list[dict[str, Any]] = [
     {"type": "length", "min_chars": 3, "max_chars": 40, "min_words": 1, "max_words": 6},
     {"type": "length", "max_chars": 0},
     {"type": "llm_judge", "engine": "judge"},
+    {"type": "similarity", "metric": "fuzzy_match"},
+    {"type": "similarity", "metric": "rouge_l", "value": "a 42 é", "pass_threshold": 0.3},
+    {"type": "similarity", "metric": "bleu", "field": "a"},
+    {"type": "label", "engine": "judge", "labels": ["yes", "no"], "passing_labels": ["yes"]},
+    {"type": "rubric_judge", "engine": "judge", "criteria": [
+        {"name": "a", "description": "x", "min": 0, "max": 10}], "pass_threshold": 0.5},
 ]
+# Kinds whose passing credit can be below 1 (they pass at a threshold).
+THRESHOLD_KINDS = ("llm_judge", "similarity", "rubric_judge")
 
 answers = st.one_of(
     st.text(max_size=80),
@@ -83,7 +91,7 @@ def test_scores_stay_in_zero_to_one_and_the_mean_stays_within_its_criteria(
         assert min(counted) <= result.score <= max(counted)
     assert result.judge_error == any(c.error_kind == "judge_failure" for c in result.criteria)
     assert result.passed == (not result.judge_error and result.score >= pass_mark)
-    if counted and all(c.passed and c.type != "llm_judge" for c in result.criteria):
+    if counted and all(c.passed and c.type not in THRESHOLD_KINDS for c in result.criteria):
         assert result.score == 1.0
 
 
