@@ -4,13 +4,19 @@ judge, no engine: the trainer child computes them itself)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pytest
 
+from modelsmith.daemon.config import DaemonConfig
+from modelsmith.gpu.named_engines import NamedEngines
 from modelsmith.gpu.trainer_control import StopState
 from modelsmith.gpu.trainer_reward import RewardScorer, make_reward_function
+from modelsmith.loop.cluster.config import load_cluster
 from modelsmith.loop.scoring.rubric import score
 from modelsmith.loop.scoring.scenarios import Scenario
+from modelsmith.loop.train.reward_judges import JudgeUnreachable, reward_judges
 
 
 def scenario(sid: str, rubric: dict[str, object]) -> Scenario:
@@ -38,3 +44,19 @@ def test_similarity_and_formula_rewards_are_the_evals_scores() -> None:
         pytest.approx(5 / 6)]
     assert reward(completions=[""], scenario_id=["formula"]) == [0.0]
     assert scorer.take_judge_failure_share() is None  # no judge in these rubrics
+
+
+def test_train_start_refuses_a_structured_judge_it_cannot_reach_with_the_typed_error(
+        tmp_path: Path) -> None:
+    # label and rubric_judge are judge kinds too: refused by name like llm_judge, no crash.
+    root = tmp_path / "shop"
+    (root / "model").mkdir(parents=True)
+    (root / "cluster.toml").write_text('domain = "d"\n[model]\nbase = "model"\n')
+    labelled = scenario("labelled", {"criteria": [
+        {"type": "contains", "value": "mat"},
+        {"type": "label", "engine": "cluster", "labels": ["ok", "bad"], "passing_labels": ["ok"]}]})
+    registry = NamedEngines.from_config(DaemonConfig.model_validate({"engines": {}}), home=tmp_path)
+    with pytest.raises(JudgeUnreachable) as caught:
+        reward_judges([labelled], load_cluster(root), registry)
+    assert caught.value.data["field"] == "rubric.criteria[1].engine"
+    assert caught.value.data["criterion"] == "label"

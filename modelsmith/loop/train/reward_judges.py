@@ -24,7 +24,12 @@ from modelsmith.gpu.named_engines import NamedEngines
 from modelsmith.gpu.trainer_spec import JudgeEndpoint
 from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.eval.answers import eval_sampling
-from modelsmith.loop.scoring.criteria import LlmJudgeCriterion
+from modelsmith.loop.scoring.criteria import (
+    JUDGE_KINDS,
+    LabelCriterion,
+    LlmJudgeCriterion,
+    RubricJudgeCriterion,
+)
 from modelsmith.loop.scoring.scenarios import JUDGE_CLUSTER_ENGINE, Scenario
 
 __all__ = ["JudgeUnreachable", "reward_judges"]
@@ -35,7 +40,9 @@ class JudgeUnreachable(ValidationError):
     ``data`` has ``scenario``, ``criterion``, ``engine`` and ``field``."""
 
 
-def _refuse(scenario: Scenario, index: int, criterion: LlmJudgeCriterion, why: str) -> JudgeUnreachable:
+def _refuse(scenario: Scenario, index: int,
+            criterion: LlmJudgeCriterion | LabelCriterion | RubricJudgeCriterion,
+            why: str) -> JudgeUnreachable:
     return JudgeUnreachable(
         f"scenario {scenario.id}: criterion {criterion.label!r} is judged by engine "
         f"{criterion.engine!r}, {why}; the GRPO reward must ask the same judge as the eval, so "
@@ -55,7 +62,7 @@ def reward_judges(scenarios: Iterable[Scenario], cluster: Cluster,
     for scenario in scenarios:
         for index in scenario.rubric.judge_indices():
             criterion = scenario.rubric.criteria[index]
-            assert isinstance(criterion, LlmJudgeCriterion)
+            assert isinstance(criterion, JUDGE_KINDS)  # llm_judge, label, rubric_judge
             name = criterion.engine
             if name in found:
                 continue
