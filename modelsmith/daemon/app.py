@@ -28,7 +28,7 @@ from modelsmith.errors import EngineError
 from modelsmith.gpu import engine_reaper
 from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engine_reaper import stop_leftover_engines
-from modelsmith.gpu.engines import EnginePool, EngineSpec
+from modelsmith.gpu.engines import EngineFactory, EnginePool, EngineSpec, default_engine_factory
 from modelsmith.gpu.leases import LeaseManager
 from modelsmith.gpu.named_engines import NamedEngines
 from modelsmith.loop.autonomy.inbox import InboxWatcher
@@ -37,9 +37,11 @@ from modelsmith.loop.cluster.config import Cluster
 from modelsmith.loop.cluster.fleet import Fleet
 from modelsmith.loop.eval.judge_check import JudgeService, engine_models
 from modelsmith.loop.eval.service import EvalService
+from modelsmith.loop.graders.service import register_grader_methods
 from modelsmith.loop.jobs.methods import register_job_methods
 from modelsmith.loop.jobs.registry import JobRegistry
 from modelsmith.loop.promotion.service import PromotionService
+from modelsmith.loop.synth.service import SynthService
 from modelsmith.loop.train.service import TrainService
 from modelsmith.rpc.dispatch import Empty, MethodTable
 from modelsmith.rpc.peercred import PeerPolicy
@@ -81,7 +83,7 @@ class Daemon:
     def __post_init__(self) -> None:
         self.fleet = Fleet(self.home, judge_engines=frozenset(self.config.engines),
                            judge_models=engine_models(self.config.engines, self.home))
-        self.engines = EnginePool()
+        self.engines = EnginePool(self._engine_factory())
         # [engines.NAME]: a vLLM one is the pool's (one warm engine per base model, shared
         # with the clusters on it); OpenAI-compatible ones the registry runs itself.
         self.named = NamedEngines.from_config(self.config, home=self.home,
@@ -91,11 +93,22 @@ class Daemon:
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
         self.promotions = PromotionService(self.fleet, self.engines, self.home)
+        self.synth = SynthService(self.fleet, self.jobs, self.engines, self.named, self.home)
         self.judges = JudgeService(self.fleet, self.jobs, self.engines, self.named,
                                    self.fleet.judge_models)
-        self.loops = LoopService(self.fleet, self.jobs, self.evals, self.training, self.promotions)
+        self.loops = LoopService(self.fleet, self.jobs, self.evals, self.training, self.promotions,
+                                 self.synth)
         self.inbox = InboxWatcher(self.fleet, self.loops.trigger)
         self._shutdown = anyio.Event()
+
+    def _engine_factory(self) -> EngineFactory:
+        """In-process engines; with ``[ray] address``, vLLM engines in Ray actors
+        (modelsmith.gpu.ray_engine, imported only then: no Ray otherwise)."""
+        if not self.config.ray.enabled:
+            return default_engine_factory
+        from modelsmith.gpu.ray_engine import ray_engine_factory
+
+        return ray_engine_factory(self.config.ray, default_engine_factory)
 
     def _named_vllm(self, name: str, spec: EngineSpec) -> Engine:
         if not self.config.start_engines:
@@ -118,8 +131,10 @@ class Daemon:
         self.evals.register(self.table)
         self.training.register(self.table)
         self.promotions.register(self.table)
+        self.synth.register(self.table)
         self.judges.register(self.table)
         self.loops.register(self.table)
+        register_grader_methods(self.table, self.fleet)
 
     def status(self) -> DaemonStatus:
         return DaemonStatus(
