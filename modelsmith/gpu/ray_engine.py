@@ -190,12 +190,12 @@ class RayEngine:
         stream = actor.generate_many.options(num_returns="streaming").remote(
             [_plain(p) for p in prompts], sampling, adapter)
         try:
-            async for ref in stream:
-                error, item = await self._await(ref)
+            async for ref in _dead_as_error(stream, self):
+                error, chunk = await self._await(ref)
                 if error is not None:
                     _raise_envelope(error)
-                index, raw = item
-                yield index, msgspec.msgpack.decode(raw, type=Completion)
+                for index, raw in chunk:
+                    yield index, msgspec.msgpack.decode(raw, type=Completion)
         finally:
             import ray
 
@@ -338,6 +338,21 @@ class RayEngine:
             ray.kill(actor, no_restart=True)
 
 
+async def _dead_as_error(stream: Any, engine: RayEngine) -> AsyncIterator[Any]:
+    """The refs of a streaming call; the actor's death while streaming is EngineError "dead"
+    (as :meth:`RayEngine._await` makes it for one ref)."""
+    from ray.exceptions import RayActorError
+
+    try:
+        async for ref in stream:
+            yield ref
+    except RayActorError as exc:
+        engine._mark_dead(f"engine actor died: {type(exc).__name__}")
+        raise EngineError(f"engine {engine.name!r} died (its Ray actor or node is gone); it is "
+                          "being restarted", data={"engine": engine.name, "reason": "dead"}
+                          ) from exc
+
+
 def _plain(prompt: PromptInput) -> str | list[dict[str, str]]:
     return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
 
@@ -421,15 +436,39 @@ class EngineActor:
 
     async def generate_many(self, prompts: list[PromptInput], sampling: Sampling,
                             adapter: str | None) -> AsyncIterator[_Outcome]:
+        """Streams ``(None, [(index, msgpack completion), ...])``: every completion that
+        finished since the last item, so requests that end in the same engine step cross
+        as one object; a failure is the last item, ``(envelope, None)``."""
         from modelsmith.errors import error_envelope
 
-        try:
-            results = self._engine.generate_many(prompts, sampling, adapter=adapter)
-            async with contextlib.aclosing(results):  # type: ignore[type-var]
-                async for index, completion in results:
-                    yield None, (index, msgspec.msgpack.encode(completion))
-        except ModelsmithError as exc:
-            yield error_envelope(exc), None
+        send, receive = anyio.create_memory_object_stream[tuple[int, bytes] | ModelsmithError](
+            max_buffer_size=len(prompts) + 1)
+
+        async def produce() -> None:
+            async with send:
+                results = self._engine.generate_many(prompts, sampling, adapter=adapter)
+                try:
+                    async with contextlib.aclosing(results):  # type: ignore[type-var]
+                        async for index, completion in results:
+                            send.send_nowait((index, msgspec.msgpack.encode(completion)))
+                except ModelsmithError as exc:
+                    send.send_nowait(exc)
+
+        async with anyio.create_task_group() as tg, receive:
+            tg.start_soon(produce)
+            async for first in receive:
+                chunk = [first]
+                with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                    while True:
+                        chunk.append(receive.receive_nowait())
+                done = [item for item in chunk if not isinstance(item, ModelsmithError)]
+                if done:
+                    yield None, done
+                failures = [item for item in chunk if isinstance(item, ModelsmithError)]
+                if failures:
+                    tg.cancel_scope.cancel()
+                    yield error_envelope(failures[0]), None
+                    return
 
     async def load_adapter(self, name: str, path: str, artifact: Any) -> _Outcome:
         async def load() -> None:
