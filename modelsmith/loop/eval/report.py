@@ -1,6 +1,6 @@
 """The receipts: base, champion, candidate and each named engine on the same governed sets.
 
-Each subject's row is its latest *full* eval (type full, not quick, no domain filter) whose set
+Each subject's row is its latest *full* eval (type full, not quick, every scenario) whose set
 versions are the current ones; when only evals of older versions exist, the latest of those is
 shown as ``stale`` and never ranked; a subject with no full eval is ``missing``. Every summary
 is checked against the digest its ``eval.finished`` entry holds before a number of it is shown
@@ -20,7 +20,12 @@ import msgspec
 from msgspec.structs import replace
 
 from modelsmith.hashing import sha256_hex
-from modelsmith.loop.records.events import EvalFinished, EvalStarted, LedgerEvent
+from modelsmith.loop.records.events import (
+    EvalFinished,
+    EvalStarted,
+    LedgerEvent,
+    ScenariosChanged,
+)
 from modelsmith.loop.records.ledger import Recorded
 from modelsmith.rpc.schema.evals import EvalReport, EvalSummary, ReportRole, ReportRow
 
@@ -46,16 +51,25 @@ class FullEval:
 
 
 def full_evals(entries: Iterable[Recorded[LedgerEvent]]) -> list[FullEval]:
-    """Every finished full eval in ledger order (a resumed eval counts once: its finish)."""
-    started: dict[str, EvalStarted] = {}
+    """Every finished full eval in ledger order (a resumed eval counts once: its finish).
+
+    Full: type full, not quick, and every governed scenario of its set versions scored; a
+    domain filter that happened to select them all (one-domain clusters) still is.
+    """
+    started: dict[str, tuple[EvalStarted, int | None]] = {}
+    governed_count: int | None = None  # core + held-out scenarios, from the last scenarios.changed
     out: list[FullEval] = []
     for recorded in entries:
         event = recorded.event
-        if isinstance(event, EvalStarted):
-            started[event.tag] = event
+        if isinstance(event, ScenariosChanged):
+            governed_count = sum(n for name, n in event.counts.items() if name in GOVERNED_SETS)
+        elif isinstance(event, EvalStarted):
+            started[event.tag] = (event, governed_count)
         elif isinstance(event, EvalFinished):
-            start = started.get(event.tag)
-            if start is None or start.type != "full" or start.quick or start.domain is not None:
+            start, total = started.get(event.tag, (None, None))
+            if start is None or start.type != "full" or start.quick:
+                continue
+            if start.domain is not None and start.scenarios != total:
                 continue
             out.append(FullEval(tag=event.tag, adapter=event.adapter, engine=event.engine,
                                 scenario_sets=dict(start.scenario_sets), finished_at=recorded.ts,
