@@ -20,6 +20,7 @@ from modelsmith.clients import (
     commands_mcp,
     commands_promote,
     commands_report,
+    commands_synth,
     commands_train,
     render,
 )
@@ -39,7 +40,7 @@ Command = Callable[[argparse.Namespace], int]
 
 # Each command module adds its commands to the parser: register(subparsers, add).
 COMMAND_MODULES = (commands_eval, commands_report, commands_train, commands_promote, commands_mcp,
-                   commands_config, commands_loop)
+                   commands_config, commands_loop, commands_synth)
 
 
 # -- commands ------------------------------------------------------------------------------

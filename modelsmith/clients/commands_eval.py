@@ -218,8 +218,9 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 def register(sub: Any, add: Any) -> None:
     p = add("eval", cmd_eval, "run an eval of a cluster's governed scenario set (exit 0 pass, 1 fail)")
     p.add_argument("--cluster", required=True, help="the cluster to evaluate")
-    p.add_argument("--type", choices=["core", "held_out", "full"], default="full",
-                   help="which scenario sets: core, held_out or both (default: full)")
+    p.add_argument("--type", choices=["core", "held_out", "full", "synthetic"], default="full",
+                   help="which scenario sets: core, held_out or both (default: full); "
+                        "synthetic: the synthetic set alone, never the gate's evidence")
     p.add_argument("--quick", action="store_true", help="a deterministic stratified subset")
     p.add_argument("--tag", help="name of this eval (default: the daemon picks one)")
     p.add_argument("--workers", type=int, help="concurrent requests for this eval (default: the "

@@ -90,7 +90,7 @@ class ClusterArgs(ToolArgs):
 class EvalRunArgs(ToolArgs):
     cluster: ClusterName
     tag: EvalTag | None = None
-    type: Literal["core", "held_out", "full"] = "full"
+    type: Literal["core", "held_out", "full", "synthetic"] = "full"
     quick: bool = False
     workers: Annotated[int, msgspec.Meta(ge=1, le=256, description=(
         "concurrent requests for this eval; default: the engine's max_concurrency (a named "

@@ -73,6 +73,8 @@ DEMO_UNSEEN_HELD_OUT = 18
 # LoRA rank of the demo's adapters (on every linear layer): with 8, one 100-step iteration
 # reached only 0.67-0.72 composite (measured); 16 reaches 0.89.
 DEMO_LORA_RANK = 16
+# Synthetic scenarios per failure pattern in the demo's synth step (the rtb-pricing generator).
+DEMO_SYNTH_COUNT = 6
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,11 @@ class DemoReport:
     request_id: str | None = None
     bundle_html: str | None = None
     daemon_exit_code: int | None = None
+    # The synth step: the job's counts, and the synthetic set's score (evaluated apart, never
+    # in the gate) on the base model and on the final candidate.
+    synth_counts: dict[str, int] | None = None
+    synthetic_baseline: float | None = None
+    synthetic_final: float | None = None
     steps: list[tuple[str, float]] = field(default_factory=list)
     total_seconds: float = 0.0
 
@@ -418,14 +425,15 @@ def _iterate(number: int, source_tag: str, report: DemoReport, settings: DemoSet
 def _promote(report: DemoReport, socket_path: Path, console: Console) -> None:
     gate_tag = report.final.eval_tag if report.final else None
     with timed_step(report, console, "policy check and promotion request"):
-        policy = run_cli(["policy", "check", CLUSTER], socket_path, console)
+        evidence = ["--eval", gate_tag] if gate_tag else []
+        policy = run_cli(["policy", "check", CLUSTER, *evidence], socket_path, console)
         report.policy_exit_code = policy.exit_code
         if policy.exit_code != 0 or gate_tag is None:
             console.say("  the gate did not pass: no promotion is requested (nothing is lowered "
                         "to make it pass)")
             return
-        promote = run_cli(["promote", CLUSTER, "--note", "quickstart demo"], socket_path,
-                          console)
+        promote = run_cli(["promote", CLUSTER, *evidence, "--note", "quickstart demo"],
+                          socket_path, console)
         report.promote_exit_code = promote.exit_code
         if promote.exit_code != 0:
             return
@@ -501,6 +509,7 @@ def _run_loop(report: DemoReport, settings: DemoSettings, socket_path: Path,
         report.baseline_composite = summary["composite"]
         report.baseline_held_out = summary["held_out"]
         report.baseline_figures = eval_figures(report.home / CLUSTER / "evals" / "baseline")
+    _synth_step(report, socket_path, console)
     source_tag = "baseline"
     seen_jobs: set[str] = set()
     for number in range(1, settings.max_iterations + 1):
@@ -509,8 +518,34 @@ def _run_loop(report: DemoReport, settings: DemoSettings, socket_path: Path,
         if iteration.eval_tag is None or iteration.gate_passed:
             break
         source_tag = iteration.eval_tag
+    if report.synth_counts and report.synth_counts["kept"] and report.final and report.final.eval_tag:
+        with timed_step(report, console, "synthetic set on the final candidate (reported apart)"):
+            report.synthetic_final = _synthetic_eval("synthetic-final", socket_path, console)
     if settings.promote:
         _promote(report, socket_path, console)
+
+
+def _synth_step(report: DemoReport, socket_path: Path, console: Console) -> None:
+    """One synth step: scenarios like the baseline's failures from the cluster's generator,
+    verified; the synthetic set is then scored on the base model (apart from the gate)."""
+    with timed_step(report, console, "synth: new scenarios like the baseline's failures"):
+        run_cli(["synth", CLUSTER, "--from-eval", "baseline", "--count", str(DEMO_SYNTH_COUNT)],
+                socket_path, console)
+        jobs = [j for j in _rpc(socket_path, "job.list", {"cluster": CLUSTER})["jobs"]
+                if j["kind"] == "synth" and j["state"] == "succeeded"]
+        if not jobs:
+            return
+        report.synth_counts = dict(max(jobs, key=lambda j: j["created_at"])["result"]["counts"])
+        if report.synth_counts["kept"]:
+            report.synthetic_baseline = _synthetic_eval("synthetic-baseline", socket_path, console)
+
+
+def _synthetic_eval(tag: str, socket_path: Path, console: Console) -> float | None:
+    run_cli(["eval", "--cluster", CLUSTER, "--type", "synthetic", "--tag", tag], socket_path,
+            console)
+    summary = _rpc(socket_path, "eval.summary", {"cluster": CLUSTER, "tag": tag})
+    composite: float | None = summary["composite"]
+    return composite
 
 
 def main(argv: Sequence[str] | None = None) -> int:

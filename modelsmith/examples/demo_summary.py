@@ -214,6 +214,28 @@ def _figures_table(report: DemoReport, console: Console) -> None:
                     f"scenarios ({len(UNSEEN_TYPES)} types)")
 
 
+def _synth_lines(report: DemoReport, console: Console) -> None:
+    """The synth step, honestly: what it kept, and whether the synthetic set's score moved.
+    The demo trains on core (failures and near misses), not on the synthetic set: this shows
+    whether that training carried over to new regions, not what training on them would do."""
+    counts = report.synth_counts
+    if counts is None:
+        console.say("\n  synth step: did not run")
+        return
+    console.say(f"\n  synth step (rtb-pricing generator): {counts['kept']} kept of "
+                f"{counts['generated']} ({counts['dropped_duplicate']} duplicate, "
+                f"{counts['refused_near_held_out']} near held-out, {counts['dropped_invalid']} "
+                f"invalid, {counts['dropped_reference_fails']} reference fails)")
+    before, after = report.synthetic_baseline, report.synthetic_final
+    if before is None or after is None:
+        console.say("    synthetic set score: not measured on both models")
+        return
+    moved = "changed" if abs(after - before) >= 0.005 else "did not change"
+    console.say(f"    synthetic set score (never in the gate): base {_fmt(before)} -> final "
+                f"{_fmt(after)}: training on core {moved} it (the synthetic set was not "
+                "trained on)")
+
+
 def print_summary(report: DemoReport, console: Console) -> None:
     """The step times, the iterations, the figures with intervals and the targets."""
     console.title("summary")
@@ -229,6 +251,7 @@ def print_summary(report: DemoReport, console: Console) -> None:
                     f"{_fmt(it.held_out)}  gate {'PASS' if it.gate_passed else 'FAIL'}  "
                     f"train {it.train_state} ({it.stop_reason})  eval {it.eval_tag}")
     _figures_table(report, console)
+    _synth_lines(report, console)
     console.say("\n  targets:")
     width = max(len(name) for name, _, _ in targets(report))
     for name, measured, met in targets(report):

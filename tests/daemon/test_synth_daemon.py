@@ -144,6 +144,15 @@ def test_a_teachers_replies_are_verified_and_counted_and_only_valid_ones_are_kep
             "state"] == "succeeded"
         summary = daemon.call("eval.summary", {"cluster": "shop", "tag": "e2"})
         assert summary["scored"] == 4 and "synthetic" not in summary["by_set"]
+        # Evaluated apart, it is reported and never promotion evidence.
+        assert _wait(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "syn",
+                                                      "type": "synthetic"})["jobId"])[
+            "state"] == "succeeded"
+        synthetic = daemon.call("eval.summary", {"cluster": "shop", "tag": "syn"})
+        assert synthetic["scored"] == 2 and list(synthetic["by_set"]) == ["synthetic"]
+        report = daemon.call("policy.check", {"cluster": "shop", "eval_tag": "syn"})
+        checks = {c["check"]: c for c in report["checks"]}
+        assert checks["eval_full"]["passed"] is False and report["passed"] is False
 
 
 def test_the_rtb_generator_synthesises_and_a_signed_acceptance_moves_scenarios_into_core(

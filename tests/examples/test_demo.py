@@ -65,6 +65,10 @@ def test_one_short_demo_iteration_runs_every_daemon_driven_step(
             assert figure.value is not None and figure.ci95 is not None
             assert figure.ci95[0] <= figure.value <= figure.ci95[1]
     assert iteration.paired_vs_baseline
+    # One synth step with the rtb-pricing generator; the synthetic set scored before and after.
+    assert report.synth_counts is not None and report.synth_counts["kept"] > 0
+    assert report.synth_counts["refused_near_held_out"] == 0
+    assert report.synthetic_baseline is not None and report.synthetic_final is not None
     assert any(name.startswith("stop the daemon") for name, _ in report.steps)
 
 

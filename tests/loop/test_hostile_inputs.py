@@ -295,6 +295,15 @@ def test_the_duplicate_id_message_of_a_drop_names_its_file_and_line(
     assert "line: 2" in (runtime.cluster.root / "rejected" / "dup.yaml.error.txt").read_text()
 
 
+def test_a_dropped_synthetic_scenario_is_rejected_only_synth_writes_that_set(
+    runtime: ClusterRuntime,
+) -> None:
+    text = scenario_yaml("{type: length, max_chars: 9}").replace("set: core", "set: synthetic")
+    outcome = ingest(runtime, drop(runtime, "syn.yaml", text))
+    assert outcome.kind == "invalid_value" and not outcome.accepted
+    assert "synthetic" not in runtime.require_catalog().sets
+
+
 def test_a_drop_that_changes_after_it_was_read_stays_as_a_new_drop(
     runtime: ClusterRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from modelsmith.loop.autonomy.supervisor import IllegalTransition, plan_transition
@@ -19,6 +21,7 @@ from modelsmith.loop.records.events import (
     PromotionRequested,
     RollbackDone,
     RunCounters,
+    SynthFinished,
     TrainFailed,
     TrainStarted,
     error_info,
@@ -98,6 +101,17 @@ def test_a_failed_training_job_is_no_longer_running() -> None:
     train = TrainStarted(job_id="t1", iteration=1, eval_tag="base", scenarios=3, work_dir="w")
     failed = TrainFailed(job_id="t1", error=error_info("cancelled"), iteration=1)
     assert _states([train, failed])[-1].running_trains == {}
+
+
+def test_synthetic_evals_and_synth_events_leave_the_clusters_evidence_alone() -> None:
+    synthetic = msgspec.structs.replace(EVAL_DONE, tag="syn", job_id="j2", type="synthetic")
+    synth = SynthFinished(job_id="s1", eval_tag="base", patterns=["choice/wrong_value"],
+                          source_ids=["c1"], generated=3, dropped_invalid=1,
+                          dropped_reference_fails=0, dropped_duplicate=1, refused_near_held_out=0,
+                          kept=1, ids=["syn-1"], prompt_sha256=["0" * 64], generator="m:f")
+    states = _states([EVAL_DONE, synthetic, synth])
+    assert states[1].last_eval_tag == "base" and states[2].last_eval_tag == "base"
+    assert dataclasses.replace(states[2], seq=states[0].seq) == states[0]
 
 
 def test_the_state_kept_on_append_equals_the_state_reduced_from_the_file(tmp_path: Path) -> None:

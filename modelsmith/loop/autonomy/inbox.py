@@ -282,6 +282,10 @@ def _ingest(runtime: ClusterRuntime, path: Path) -> DropOutcome:
             field="set",
         )
     (set_name,) = sets
+    if set_name == "synthetic":  # only synth.run writes it, after verification
+        raise file_error("invalid_value", "synthetic scenarios come only from `modelsmith synth` "
+                         "(verified before they are kept); drop core or held-out ones",
+                         file=name, field="set")
     _check_against_catalog(runtime, name, located)
     catalog = runtime.require_catalog()
     merged = dict(catalog.sets)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -26,8 +26,9 @@ from modelsmith.rpc.server import CallContext
 
 class LoopService:
     def __init__(self, fleet: Fleet, jobs: JobRegistry, evals: EvalService, training: TrainService,
-                 promotions: Any) -> None:
+                 promotions: Any, synth: Any = None) -> None:
         self.fleet = fleet
+        self.synth = synth  # SynthService: [synthesis] per_iteration
         self.jobs = jobs
         self.evals = evals
         self.training = training
@@ -37,6 +38,7 @@ class LoopService:
             start_eval=self._start_eval, resume_eval=self._resume_eval, start_train=self._start_train,
             resume_train=self._resume_train, diagnose=self._diagnose, policy_passes=self._policy_passes,
             request_promotion=self._request_promotion, cancel_job=self._cancel_job,
+            synthesise=self._synthesise,
         )
 
     # -- the deps the supervisors use -----------------------------------------------------
@@ -59,7 +61,8 @@ class LoopService:
     async def _start_train(self, runtime: ClusterRuntime, eval_tag: str) -> Job:
         from modelsmith.loop.jobs.registry import new_job_id
 
-        params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=eval_tag, follow_up_eval=False)
+        params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=eval_tag, follow_up_eval=False,
+                                  target=_target(runtime))
         job_id = new_job_id()
         prepared = await anyio.to_thread.run_sync(self.training.prepare, params, job_id)
         return self.training.start(params, job_id, prepared)[0]
@@ -68,10 +71,28 @@ class LoopService:
         started = item.started
         assert isinstance(started, TrainStarted)
         params = TrainStartParams(cluster=runtime.cluster.name, eval_tag=started.eval_tag,
-                                  follow_up_eval=False)
+                                  follow_up_eval=False, target=_target(runtime))
         prepared = await anyio.to_thread.run_sync(
             lambda: self.training.prepare(params, item.job_id, resume=True))
         return self.training.start(params, item.job_id, prepared)[0]
+
+    async def _synthesise(self, runtime: ClusterRuntime, tag: str) -> Job | None:
+        """A synth job of ``per_iteration`` scenarios per pattern with the cluster's generator;
+        None when synthesis is off, or there is nothing to synthesise from."""
+        synthesis = runtime.cluster.config.synthesis
+        if self.synth is None or synthesis.per_iteration == 0 or synthesis.generator is None:
+            return None
+        from modelsmith.errors import ValidationError
+        from modelsmith.rpc.schema.synth import SynthRunParams
+
+        params = SynthRunParams(cluster=runtime.cluster.name, from_eval=tag,
+                                count=synthesis.per_iteration)
+        try:
+            plan = await anyio.to_thread.run_sync(self.synth.plan, runtime, params)
+        except ValidationError:  # no failures left, a generator that does not load
+            return None
+        job: Job = self.synth.start(runtime, plan)
+        return job
 
     async def _diagnose(self, runtime: ClusterRuntime, tag: str) -> Diagnosis:
         return await anyio.to_thread.run_sync(diagnose_eval, runtime, tag)
@@ -153,3 +174,9 @@ class LoopService:
         table.add("loop.resume", LoopControlParams, loop_resume, "Resume a paused loop where it was.")
         table.add("loop.stop", LoopControlParams, loop_stop, "Stop the loop and cancel its running job.")
         table.add("loop.status", LoopStatusParams, loop_status, "Supervisor state of one or every cluster.", inline=True)
+
+
+def _target(runtime: ClusterRuntime) -> Literal["failures", "failures+synthetic"]:
+    """With ``[synthesis] per_iteration`` the loop trains on the synthetic scenarios too."""
+    synthesis = runtime.cluster.config.synthesis
+    return "failures+synthetic" if synthesis.per_iteration and synthesis.generator else "failures"

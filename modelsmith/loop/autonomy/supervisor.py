@@ -96,6 +96,8 @@ class LoopDeps:
     policy_passes: Callable[[ClusterRuntime, str], Awaitable[tuple[bool, list[str]]]]
     request_promotion: Callable[[ClusterRuntime, str], Awaitable[str]]
     cancel_job: Callable[[str], None]
+    # ``[synthesis] per_iteration``: a synth job before each training (None: nothing to do).
+    synthesise: Callable[[ClusterRuntime, str], Awaitable[Job | None]] | None = None
 
 
 class ClusterSupervisor:
@@ -304,6 +306,8 @@ class ClusterSupervisor:
                     started = time.monotonic()
                     train_tag = self._run.last_eval_tag or self.runtime.last_eval_tag
                     assert train_tag is not None
+                    if "train" not in resumed:
+                        await self._synthesise(train_tag)
                     job = resumed.pop("train") if "train" in resumed else await self.deps.start_train(self.runtime, train_tag)
                     await self._wait(job)
                     self._run = msgspec.structs.replace(self._run, iterations=self._run.iterations + 1)
@@ -322,6 +326,20 @@ class ClusterSupervisor:
                     return
         except _Done as done:
             await self.transition(LoopState.IDLE, done.reason, active=False)
+
+    async def _synthesise(self, tag: str) -> None:
+        """``[synthesis] per_iteration``: synthesise before training; its time is device time of
+        this iteration and day (``_wait``). A failed synth job is recorded (synth.failed) and
+        the iteration trains on what there is."""
+        if self.deps.synthesise is None:
+            return
+        job = await self.deps.synthesise(self.runtime, tag)
+        if job is None:
+            return
+        try:
+            await self._wait(job)
+        except ModelsmithError:
+            return
 
     async def _after_eval(self, tag: str) -> None:
         policy = self.runtime.cluster.config.policy

@@ -120,8 +120,9 @@ def apply(state: ClusterState, recorded: Recorded[LedgerEvent]) -> ClusterState:
     match event:
         case EvalStarted():
             return replace(state, running_evals=_with(state.running_evals, event.job_id, event))  # type: ignore[arg-type]
-        case EvalFinished() if event.engine is not None:
-            # A named engine's eval is a comparison, never the cluster's own evidence.
+        case EvalFinished() if not event.own_evidence():
+            # A named engine's eval is a comparison, a synthetic one reported apart: never the
+            # cluster's own evidence (nor the previous eval regressions are counted against).
             return replace(state, running_evals=_without(state.running_evals, event.job_id))  # type: ignore[arg-type]
         case EvalFinished():
             return replace(state, last_eval_tag=event.tag,

@@ -228,7 +228,8 @@ class EvalPlan:
 def select_scenarios(
     all_scenarios: Sequence[Scenario], *, type: str, domain: str | None, quick: bool, quick_size: int
 ) -> list[Scenario]:
-    wanted = {"core": {"core"}, "held_out": {"held-out"}, "full": {"core", "held-out"}}[type]
+    wanted = {"core": {"core"}, "held_out": {"held-out"}, "full": {"core", "held-out"},
+              "synthetic": {"synthetic"}}[type]
     chosen = [s for s in all_scenarios if s.set in wanted and (domain is None or s.domain == domain)]
     if quick:
         chosen = quick_subset(chosen, size=quick_size)

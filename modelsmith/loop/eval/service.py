@@ -238,7 +238,7 @@ class EvalService:
             tag=plan.tag, job_id=job.job_id, composite=summary.composite,
             held_out=summary.held_out, passed=summary.passed,
             summary_sha256=sha256_hex(summary_bytes), results_sha256=summary.results_sha256,
-            adapter=plan.adapter, engine=plan.engine))
+            adapter=plan.adapter, engine=plan.engine, type=plan.type))
         out: dict[str, Any] = {"tag": plan.tag, "composite": summary.composite,
                                "held_out": summary.held_out, "passed": summary.passed}
         if plan.engine is not None:

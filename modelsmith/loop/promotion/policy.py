@@ -81,7 +81,7 @@ def iteration_of(adapter: str | None) -> int:
 
 def default_eval_tag(ledger: Ledger, candidate: str | None) -> str | None:
     """The newest finished eval of ``candidate``; else the newest eval (so the gate says why)."""
-    finished = [r for r in ledger.find(EvalFinished) if r.event.engine is None]
+    finished = [r for r in ledger.find(EvalFinished) if r.event.own_evidence()]
     for recorded in reversed(finished):
         if candidate is not None and recorded.event.adapter == candidate:
             return recorded.event.tag
@@ -97,7 +97,7 @@ def _eval_entry(ledger: Ledger, tag: str) -> EvalFinished | None:
 
 def _base_eval_tag(ledger: Ledger) -> str | None:
     for recorded in reversed(ledger.find(EvalFinished)):
-        if recorded.event.adapter is None and recorded.event.engine is None:
+        if recorded.event.adapter is None and recorded.event.own_evidence():
             return recorded.event.tag
     return None
 

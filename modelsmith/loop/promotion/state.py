@@ -155,7 +155,7 @@ def rollback_target(runtime: ClusterRuntime, to_iteration: int
     base model. The adapter must still hash to what was approved."""
     ledger = runtime.require_ledger()
     if to_iteration == 0:
-        base_evals = [r.event.tag for r in ledger.find(EvalFinished) if r.event.adapter is None and r.event.engine is None]
+        base_evals = [r.event.tag for r in ledger.find(EvalFinished) if r.event.adapter is None and r.event.own_evidence()]
         return None, None, None, (base_evals[-1] if base_evals else None)
     approved = next((r.event for r in reversed(ledger.find(PromotionApproved))
                      if r.event.iteration == to_iteration), None)

@@ -172,6 +172,11 @@ class EvalFinished(_Event, frozen=True, tag="eval.finished"):
     results_sha256: str
     adapter: str | None = None
     engine: str | None = None  # a named engine's eval: never promotion evidence
+    type: str | None = None  # the eval's type; "synthetic" is reported apart, never evidence
+
+    def own_evidence(self) -> bool:
+        """The cluster's own eval of its governed sets: not a named engine's, not synthetic."""
+        return self.engine is None and self.type != "synthetic"
 
 
 class EvalFailed(_Event, frozen=True, tag="eval.failed"):

@@ -12,6 +12,7 @@ the teacher (a named engine) or the cluster's generator for candidates, verify t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -83,7 +84,7 @@ class SynthPlan:
 class SynthService:
     def __init__(self, fleet: Fleet, jobs: JobRegistry, engines: EnginePool | None,
                  named: NamedEngines | None, home: Path, *,
-                 clock: Any = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.fleet = fleet
         self.jobs = jobs
         self.engines = engines
@@ -132,10 +133,6 @@ class SynthService:
         job = self.jobs.submit("synth", runtime.cluster.name, run)
         job.log_path = str(log_path).replace("{job}", job.job_id)
         return job
-
-    async def run_to_end(self, runtime: ClusterRuntime, plan: SynthPlan, job: Job) -> SynthResult:
-        """The job's body, for a caller that is itself a job (the autonomous loop)."""
-        return msgspec.convert(await self._run(job, runtime, plan), SynthResult)
 
     async def _run(self, job: Job, runtime: ClusterRuntime, plan: SynthPlan) -> dict[str, Any]:
         try:

@@ -8,7 +8,8 @@ import msgspec
 
 from modelsmith.rpc.dispatch import MutatingParams, QueryParams
 
-EvalType = Literal["core", "held_out", "full"]
+# synthetic: the synthetic set alone, reported apart (never promotion evidence: the gate needs full).
+EvalType = Literal["core", "held_out", "full", "synthetic"]
 
 
 class EvalRunParams(MutatingParams):
