@@ -573,9 +573,7 @@ def load_catalog(
         raise NotFound(f"no scenarios folder {scenarios_dir}", data={"file": str(scenarios_dir)})
     where_seen: dict[str, tuple[str, int | None]] = {}
     sets: dict[str, ScenarioSet] = {}
-    for set_name in SET_NAMES:
-        if set_name == "synthetic" and not (scenarios_dir / set_name).is_dir():
-            continue
+    for set_name in (n for n in SET_NAMES if n != "synthetic" or (scenarios_dir / n).is_dir()):
         members: list[Scenario] = []
         files: list[str] = []
         for path in _set_files(scenarios_dir / set_name):
