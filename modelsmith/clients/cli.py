@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from modelsmith.clients import (
     commands_config,
     commands_eval,
+    commands_judge,
     commands_loop,
     commands_mcp,
     commands_promote,
@@ -40,7 +41,7 @@ Command = Callable[[argparse.Namespace], int]
 
 # Each command module adds its commands to the parser: register(subparsers, add).
 COMMAND_MODULES = (commands_eval, commands_report, commands_train, commands_promote, commands_mcp,
-                   commands_config, commands_loop, commands_synth)
+                   commands_config, commands_loop, commands_synth, commands_judge)
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from modelsmith.clients.mcp_tools import (
     JobArgs,
     JobStatusArgs,
     JobView,
+    JudgeCheckArgs,
     PolicyGateArgs,
     PolicyGateView,
     PromoteArgs,
@@ -91,6 +92,7 @@ from modelsmith.rpc.address import resolve_socket_path
 from modelsmith.rpc.schema.daemon import ClusterStatus, FleetStatus
 from modelsmith.rpc.schema.evals import EvalComparison, EvalStarted, EvalSummary
 from modelsmith.rpc.schema.jobs import JobSummary
+from modelsmith.rpc.schema.judges import JudgeCheckStarted, JudgeList
 from modelsmith.rpc.schema.train import Diagnosis
 
 log = logging.getLogger("modelsmith.mcp")
@@ -206,6 +208,14 @@ async def train_start(link: DaemonLink, args: TrainStartArgs) -> TrainStartedVie
     if overrides:
         params["overrides"] = overrides
     return view(await link.call("train.start", params), TrainStartedView, "train.start")
+
+
+async def judge_check(link: DaemonLink, args: JudgeCheckArgs) -> JudgeCheckStarted:
+    return view(await link.call("judge.check", params_of(args)), JudgeCheckStarted, "judge.check")
+
+
+async def judge_list(link: DaemonLink, args: ClusterArgs) -> JudgeList:
+    return view(await link.call("judge.list", {"cluster": args.cluster}), JudgeList, "judge.list")
 
 
 async def synth_run(link: DaemonLink, args: SynthRunArgs) -> SynthStartedView:
@@ -327,6 +337,14 @@ TOOLS: tuple[ToolSpec[Any, Any], ...] = (
              "(loads, reference passes, no duplicate, nothing near held-out) and only in the "
              "synthetic set, never the gate's composite. Returns the job id at once.",
              SynthRunArgs, SynthStartedView, synth_run, read_only=False),
+    ToolSpec("modelsmith_judge_check", "Start a judge check: run a cluster's judges on their "
+             "human-labelled calibration sets (judges/*.yaml) and record agreement (exact, "
+             "within-one, Cohen's kappa, Spearman, with intervals) and self-consistency in the "
+             "ledger. Returns the job id at once; read the result with modelsmith_judge_list.",
+             JudgeCheckArgs, JudgeCheckStarted, judge_check, read_only=False),
+    ToolSpec("modelsmith_judge_list", "A cluster's calibration sets, each judge's identity (engine "
+             "and model, template, calibration set) and its latest check, and whether it meets "
+             "[policy] min_judge_agreement.", ClusterArgs, JudgeList, judge_list),
     ToolSpec("modelsmith_policy_gate", "Check the promotion policy gate for a cluster's candidate: "
              "every rule, passed or not, with what to fix. Changes nothing.",
              PolicyGateArgs, PolicyGateView, policy_gate),

@@ -162,6 +162,14 @@ class SynthStartedView(msgspec.Struct, kw_only=True):
     log: str | None = None
 
 
+class JudgeCheckArgs(ToolArgs):
+    cluster: ClusterName
+    judge: Annotated[str, msgspec.Meta(min_length=1, max_length=63, description=(
+        "one calibration set (judges/NAME.yaml); default: every one"))] | None = None
+    repeats: Annotated[int, msgspec.Meta(ge=1, le=10, description=(
+        "verdicts per example for self-consistency; default: the file's"))] | None = None
+
+
 class PolicyGateArgs(ToolArgs):
     cluster: ClusterName
     eval_tag: EvalTag | None = None
