@@ -56,6 +56,8 @@ SESSION_CLUSTERS: dict[str, dict[str, Any]] = {
     # Spares for the MCP and demo tests of colleagues.
     "rtb-mcp": {"max_steps": 10, "composite": 0.0, "held_out_threshold": 0.0, "max_regressions": 1000},
     "rtb-demo": {"max_steps": 10},
+    # Imported OpenAI graders judged by the tiny model itself (test_graders_vllm.py).
+    "rtb-graders": {"max_steps": 10},
 }
 
 
