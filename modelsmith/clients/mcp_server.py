@@ -65,6 +65,7 @@ from modelsmith.clients.mcp_tools import (
     PolicyGateView,
     PromoteArgs,
     PromotionRequestView,
+    ReportArgs,
     RollbackArgs,
     RollbackPlan,
     RollbackTarget,
@@ -90,7 +91,7 @@ from modelsmith.errors import (
 )
 from modelsmith.rpc.address import resolve_socket_path
 from modelsmith.rpc.schema.daemon import ClusterStatus, FleetStatus
-from modelsmith.rpc.schema.evals import EvalComparison, EvalStarted, EvalSummary
+from modelsmith.rpc.schema.evals import EvalComparison, EvalReport, EvalStarted, EvalSummary
 from modelsmith.rpc.schema.jobs import JobSummary
 from modelsmith.rpc.schema.judges import JudgeCheckStarted, JudgeList
 from modelsmith.rpc.schema.train import Diagnosis
@@ -179,6 +180,10 @@ async def eval_results(link: DaemonLink, args: EvalResultsArgs) -> EvalResultsPa
 
 async def compare(link: DaemonLink, args: CompareArgs) -> EvalComparison:
     return view(await link.call("eval.compare", params_of(args)), EvalComparison, "eval.compare")
+
+
+async def eval_report(link: DaemonLink, args: ReportArgs) -> EvalReport:
+    return view(await link.call("eval.report", params_of(args)), EvalReport, "eval.report")
 
 
 async def diagnose(link: DaemonLink, args: DiagnoseArgs) -> DiagnosisView:
@@ -321,6 +326,11 @@ TOOLS: tuple[ToolSpec[Any, Any], ...] = (
              EvalResultsArgs, EvalResultsPage, eval_results),
     ToolSpec("modelsmith_compare", "Compare two evals of a cluster scenario by scenario: fixed, "
              "regressed, unchanged, and the composite delta.", CompareArgs, EvalComparison, compare),
+    ToolSpec("modelsmith_eval_report", "The receipts: the base model, champion, candidate and "
+             "each named engine side by side on the current governed sets (latest full eval of "
+             "each: composite, held-out, per tag, pass rate, latency, cost per 1,000 scenarios), "
+             "ranked; evals of older set versions are marked stale and not ranked.",
+             ReportArgs, EvalReport, eval_report),
     ToolSpec("modelsmith_diagnose", "Group an eval's failures into patterns (failing criterion, kind "
              "of error) with counts, lost score and capped untrusted examples.",
              DiagnoseArgs, DiagnosisView, diagnose),

@@ -131,6 +131,14 @@ class CompareArgs(ToolArgs):
     b: Annotated[str, msgspec.Meta(min_length=1, description="eval tag of the run to judge")]
 
 
+class ReportArgs(ToolArgs):
+    cluster: ClusterName
+    engines: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=63)]],
+                       msgspec.Meta(max_length=64, description="only these named engines "
+                                    "(default: every configured one and every one with an eval)")
+                       ] | None = None
+
+
 class DiagnoseArgs(ToolArgs):
     cluster: ClusterName
     tag: EvalTag

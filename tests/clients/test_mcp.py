@@ -53,6 +53,7 @@ EXPECTED_TOOLS = {
     "modelsmith_eval_status",
     "modelsmith_eval_results",
     "modelsmith_compare",
+    "modelsmith_eval_report",
     "modelsmith_diagnose",
     "modelsmith_train_start",
     "modelsmith_train_status",
@@ -73,6 +74,7 @@ CLUSTER_TOOLS: dict[str, dict[str, Any]] = {
     "modelsmith_eval_run": {"cluster": "nope", "type": "core"},
     "modelsmith_eval_results": {"cluster": "nope", "tag": "t"},
     "modelsmith_compare": {"cluster": "nope", "a": "x", "b": "y"},
+    "modelsmith_eval_report": {"cluster": "nope"},
     "modelsmith_diagnose": {"cluster": "nope", "tag": "t"},
     "modelsmith_train_start": {"cluster": "nope", "eval_tag": "t", "method": "grpo", "target": "failures"},
     "modelsmith_synth_run": {"cluster": "nope", "from_eval": "t"},
@@ -341,6 +343,10 @@ async def test_one_whole_loop_iteration_runs_through_mcp_alone(cluster_daemon: C
         assert after["summary"]["adapter"] == "iter-1"
         comparison = ok(await call(client, "modelsmith_compare", {"cluster": cluster, "a": "mcp-base", "b": "mcp-iter-1"}))
         assert comparison["fixed"] + comparison["regressed"] + comparison["unchanged"] == len(comparison["scenarios"])
+        receipts = ok(await call(client, "modelsmith_eval_report", {"cluster": cluster}))
+        rows = {r["role"]: r for r in receipts["rows"]}
+        assert rows["base"]["tag"] == "mcp-base" and rows["base"]["status"] == "current"
+        assert rows["base"]["rank"] is not None
 
         # the gate, then a promotion request (never an approval)
         gate = ok(await call(client, "modelsmith_policy_gate", {"cluster": cluster, "eval_tag": "mcp-iter-1"}))
