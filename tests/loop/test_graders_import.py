@@ -239,3 +239,31 @@ def test_item_values_with_braces_stay_literal_in_a_judge_template() -> None:
     anyio.run(lambda: score_with_judge(scenario.rubric, "ANSWER", None, prompt_text="q",
                                        judge={"judge": judge}))
     assert seen[0].startswith("[user]\n{response.__class__} {0}: ANSWER")
+
+
+def test_one_multi_grader_holding_every_kind_scores_known_answers_through_its_formula() -> None:
+    (paris,) = imported((DATA / "openai_multi_every_kind.json").read_text(),
+                        '{"question": "Capital of France?", "city": "Paris"}\n')
+    assert [c.kind for c in paris.rubric.criteria] == [
+        "exact", "regex", "contains", "contains", "similarity", "similarity", "similarity",
+        "similarity", "rubric_judge", "label"]
+
+    async def judge(text: str) -> str:
+        return '{"label": "right"}' if '"label"' in text else '{"scores": {"result": 0.5}}'
+
+    def scored(answer: str) -> RubricScore:
+        return anyio.run(lambda: score_with_judge(paris.rubric, answer, paris.reference,
+                                                  prompt_text="q", judge={"judge": judge}))
+
+    # Every sub-grader scores 1 on the exact answer; the score_model's 0.5 on -1..1 enters the
+    # formula as 0.5 (not its normalised 0.75): (9 / 9) * max(0, 0.5).
+    right = scored("Paris")
+    assert {c.name: c.score for c in right.criteria}["score"] == pytest.approx(0.75)
+    assert right.score == pytest.approx(0.5)
+    # "paris": eq 0, ne 1, like 0, ilike 1, the metrics on their own values.
+    lower = scored("paris")
+    values = {c.name: c.score for c in lower.criteria}
+    assert [values[n] for n in ("eq", "ne", "like", "ilike")] == [0.0, 1.0, 0.0, 1.0]
+    expected = (sum(values[n] for n in ("eq", "ne", "like", "ilike", "fuzzy", "bleu", "gleu",
+                                        "rouge", "label")) / 9) * 0.5
+    assert lower.score == pytest.approx(expected)
