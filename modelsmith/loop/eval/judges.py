@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Iterable
 from modelsmith.gpu.engine import Engine
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.named_engines import NamedEngines
-from modelsmith.loop.scoring.scenarios import JUDGE_CLUSTER_ENGINE, Scenario
+from modelsmith.loop.scoring.judge_names import JUDGE_CLUSTER_ENGINE
+from modelsmith.loop.scoring.scenarios import Scenario
 
 __all__ = ["hold_named", "judge_engine_names", "judge_engines"]
 

@@ -44,6 +44,7 @@ from modelsmith.loop.scoring.criteria import (
     Rubric,
     parse_reference_number,
 )
+from modelsmith.loop.scoring.judge_names import JUDGE_CLUSTER_ENGINE, unknown_judge_engine
 from modelsmith.loop.scoring.yaml_lines import NodePath, load_yaml_with_lines, path_key
 from modelsmith.loop.scoring.yaml_lines import file_error as _error
 
@@ -286,32 +287,6 @@ def _read_jsonl(text: str, filename: str) -> Iterator[_RawScenario]:
         index += 1
 
 
-JUDGE_CLUSTER_ENGINE: Final = "cluster"
-"""The ``engine`` of a judge criterion that asks the cluster's own engine (its base model)."""
-
-
-def _check_judge_engines(
-    scenario: Scenario, raw: _RawScenario, filename: str, judge_engines: Collection[str]
-) -> None:
-    """Every criterion that names an ``engine`` must name a known one (or ``cluster``)."""
-    for index, criterion in enumerate(scenario.rubric.criteria):
-        name = getattr(criterion, "engine", None)
-        if not isinstance(name, str) or name == JUDGE_CLUSTER_ENGINE or name in judge_engines:
-            continue
-        known = sorted({JUDGE_CLUSTER_ENGINE, *judge_engines})
-        field_path = f"scenarios[{raw.index}].rubric.criteria[{index}].engine"
-        raise _error(
-            "unknown_engine",
-            f"no engine {name!r}: a judge names one of {', '.join(known)} "
-            "([engines.NAME] in modelsmith.toml, or cluster for the cluster's own engine)",
-            file=filename,
-            line=raw.line_of(field_path),
-            field=field_path,
-            engine=name,
-            known=known,
-        )
-
-
 def _parse_with_lines(
     data: bytes,
     *,
@@ -385,8 +360,18 @@ def _parse_with_lines(
                 first_file=filename,
                 first_line=first_seen[scenario.id],
             )
-        if judge_engines is not None:
-            _check_judge_engines(scenario, raw, filename, judge_engines)
+        if judge_engines is not None and (
+            unknown := unknown_judge_engine(scenario.rubric.criteria, judge_engines)
+        ):
+            index, name, known = unknown
+            field_path = f"{prefix}.rubric.criteria[{index}].engine"
+            raise _error(
+                "unknown_engine",
+                f"no engine {name!r}: a judge names one of {', '.join(known)} "
+                "([engines.NAME] in modelsmith.toml, or cluster for the cluster's own engine)",
+                file=filename, line=raw.line_of(field_path), field=field_path, engine=name,
+                known=known,
+            )
         first_seen[scenario.id] = raw.line
         parsed.append((scenario, raw.line))
     return parsed
