@@ -132,3 +132,21 @@ def test_the_cli_imports_a_grader_file_and_prints_json(daemon: DaemonProcess, tm
          str(graders), "--cluster", "adtech", "--set", "held-out",
          "--socket", str(daemon.socket_path)], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2  # usage: --items is needed
+
+
+def test_two_imports_racing_for_one_name_leave_one_file_and_one_conflict(
+        daemon: DaemonProcess) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(_: int) -> str:
+        try:
+            daemon.call("scenarios.import_graders", params("raced", set="held-out"))
+        except ConflictError:
+            return "conflict"
+        return "imported"
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = sorted(pool.map(attempt, range(4)))
+    assert outcomes == ["conflict"] * 3 + ["imported"]
+    lines = (scenario_dir(daemon, "held-out") / "raced.jsonl").read_text().splitlines()
+    assert len(lines) == 2

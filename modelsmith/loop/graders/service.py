@@ -6,7 +6,8 @@ encoded as one JSONL scenario file and read back through the very loader the dae
 known judge engines), so a file that is written is a file that loads. Nothing is written when
 a scenario id or the file name is taken. The grader JSON is written first, verbatim
 (``<name>.graders.json``: the loader reads only ``.yaml``/``.yml``/``.jsonl``), then the scenario
-file, each atomically; the set's new version is then a ``scenarios.changed`` ledger entry.
+file, each atomically and exclusively (never over an existing file); the set's new version is
+then a ``scenarios.changed`` ledger entry.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from modelsmith.atomic import atomic_write_bytes
+from modelsmith.atomic import create_exclusive
 from modelsmith.errors import ConflictError, ModelsmithError
 from modelsmith.loop.cluster.fleet import ClusterRuntime, Fleet
 from modelsmith.loop.graders.openai_import import ImportOptions, convert
@@ -65,8 +66,16 @@ def import_graders(runtime: ClusterRuntime, params: ImportGradersParams) -> Impo
     if params.dry_run:
         return result
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(provenance, params.graders.encode("utf-8"))
-    atomic_write_bytes(scenario_file, data)
+    # Exclusive creation: two imports racing for one name cannot overwrite each other.
+    try:
+        create_exclusive(provenance, params.graders.encode("utf-8"))
+    except FileExistsError:
+        raise ConflictError(f"{provenance} exists", data={"file": str(provenance)}) from None
+    try:
+        create_exclusive(scenario_file, data)
+    except FileExistsError:
+        _remove(provenance)
+        raise ConflictError(f"{scenario_file} exists", data={"file": str(scenario_file)}) from None
     try:
         runtime.read_catalog()
     except ModelsmithError:
