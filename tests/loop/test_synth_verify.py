@@ -165,3 +165,30 @@ def test_the_synthetic_set_loads_apart_and_is_never_in_a_full_eval(cluster: Path
     assert catalog.require(first).set == "core" and len(catalog.sets["synthetic"]) == 2
     assert file == f"core/accepted-{'ab' * 6}.jsonl"
     assert not list((cluster / "scenarios" / "core").glob(".*"))  # nothing pending left
+
+
+def boom(pattern: dict[str, Any], sources: list[dict[str, Any]], count: int) -> list[Any]:
+    raise RuntimeError("generator bug")
+
+
+def endless(pattern: dict[str, Any], sources: list[dict[str, Any]], count: int) -> Any:
+    while True:
+        yield {"source_id": "nope", "prompt": "x", "reference": "y", "rubric": {}}
+
+
+def test_a_hostile_generator_is_a_typed_error_or_bounded_and_counted(cluster: Path) -> None:
+    from modelsmith.errors import ValidationError
+
+    catalog = _catalog(cluster)
+    pattern = _pattern(["core-000"])
+    sources = pattern_sources(pattern, catalog)
+    with pytest.raises(ValidationError) as caught:
+        candidates_from_generator(boom, "m:boom", pattern, sources, 2)
+    assert caught.value.data["field"] == "synthesis.generator"
+    with pytest.raises(ValidationError):
+        load_generator("modelsmith.examples.rtb_pricing:no_such_function")
+    produced = candidates_from_generator(endless, "m:endless", pattern, sources, 3)
+    assert len(produced) == 12  # at most MAX_PER_COUNT per candidate asked for
+    verified = verify(produced, catalog, threshold=THRESHOLD)
+    assert verified.counts.dropped_invalid == 12 and verified.counts.kept == 0
+    assert "source_id" in verified.rejections[0].detail
