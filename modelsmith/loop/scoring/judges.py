@@ -33,6 +33,7 @@ __all__ = [
     "JudgedCriterion",
     "LabelCriterion",
     "RubricJudgeCriterion",
+    "escape_literal",
 ]
 
 #: A criterion name of a rubric judge: a formula-friendly identifier.
@@ -55,7 +56,8 @@ _COMMON_PLACEHOLDERS: Final = frozenset({"prompt", "response", "reference"})
 _NO_REFERENCE: Final = "(no reference answer given)"
 
 
-def _escape(text: str) -> str:
+def escape_literal(text: str) -> str:
+    """``text`` as literal text inside a template (an imported item's value): braces doubled."""
     return text.replace("{", "{{").replace("}", "}}")
 
 
@@ -172,7 +174,3 @@ class RubricJudgeCriterion(CriterionBase, frozen=True, tag="rubric_judge"):
         total = sum(item.weight for item in self.criteria)
         mean = sum(item.weight * parts[item.name] for item in self.criteria) / total
         return min(1.0, max(0.0, mean)), parts
-
-
-# `_escape` is what a caller uses to put literal text (an imported item's value) into a template.
-escape_literal = _escape
