@@ -65,7 +65,7 @@ async def test_the_bundle_holds_everything_it_shows_and_verifies(
                 "analysis/diff.json", "analysis/comparison.json", "analysis/failure-patterns.json",
                 "analysis/training-curve.json", "analysis/composite-by-iteration.json",
                 "charts/training-curve.svg", "charts/composite-by-iteration.svg",
-                "analysis/receipts.json", "charts/receipts.svg",
+                "analysis/receipts.json", "charts/receipts.svg", "analysis/judges.json",
                 "training/training_manifest.json", "training/leakage-proof.json",
                 "training/run.json", MANIFEST, "MANIFEST.sig", TARBALL}
     assert {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} \

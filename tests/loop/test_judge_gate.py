@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support.promotion_home import CORE_IDS, PromotionHome
+from support.promotion_home import PromotionHome
 
 from modelsmith.loop.eval.judge_calibration import judge_identity, load_calibration
 from modelsmith.loop.promotion.policy import check_policy
@@ -34,7 +34,7 @@ def judged_home(tmp_path: Path, *, minimum: float | None, template: str = TEMPLA
     (home.root / "judges" / "grader.yaml").write_text(
         f'judge: {{engine: cluster, template: "{TEMPLATE}", scale: 5}}\n'
         "examples:\n  - {id: a, prompt: p, response: r, human_score: 4, labeller: alice}\n")
-    home.trained_candidate(passed=set(CORE_IDS[1:]) | {"held-1", "held-2"})
+    home.trained_candidate()
     return home
 
 
@@ -94,3 +94,27 @@ def test_a_judge_with_no_matching_calibration_set_is_refused(tmp_path: Path) -> 
     home = judged_home(tmp_path, minimum=0.5, template="Another: {response}. SCORE: 0..{scale}")
     passed, detail = judge_check(home)
     assert not passed and "no calibration set" in detail
+
+
+async def test_the_bundle_shows_each_judges_check_as_of_the_request(tmp_path: Path) -> None:
+    import os
+
+    from support.promotion_home import CLUSTER, engine_pool_for
+
+    from modelsmith.loop.promotion.service import PromotionService, Requester
+
+    home = judged_home(tmp_path, minimum=0.5)
+    fleet, runtime = home.open()
+    record_check(home, str(runtime.cluster.base_model), 0.8)
+    pool, _ = engine_pool_for(runtime.cluster)
+    service = PromotionService(fleet, pool, home.home)
+    requested = await service.request(CLUSTER, Requester(uid=os.getuid(), pid=os.getpid(),
+                                                         username="agent"), note="ready")
+    record_check(home, "after-the-request", 0.1)  # not evidence of this request
+    exported = await service.export_bundle(CLUSTER, requested.request_id)
+    directory = Path(exported.directory)
+
+    judges = json.loads((directory / "analysis/judges.json").read_text())
+    assert [(j["judge"], j["kappa"], j["engine"]) for j in judges] == [("grader", 0.8, "cluster")]
+    html = (directory / "index.html").read_text()
+    assert "<h2>Judges</h2>" in html and "0.800" in html and "after-the-request" not in html

@@ -60,7 +60,8 @@ from modelsmith.rpc.schema.judges import (
 )
 from modelsmith.rpc.server import CallContext
 
-__all__ = ["CHECKS_DIR", "JudgeService", "engine_models", "judge_gate", "run_check"]
+__all__ = ["CHECKS_DIR", "JudgeService", "engine_models", "judge_checks_as_of", "judge_gate",
+           "run_check"]
 
 CHECKS_DIR = "judge-checks"
 READY_S = 60.0
@@ -202,6 +203,22 @@ def judge_standing(runtime: ClusterRuntime, models: Mapping[str, str] | None) ->
                               "message": f"engine {calibration.criterion.engine!r} is not configured here"}
         out.append(entry)
     return out
+
+
+def judge_checks_as_of(entries: Iterable[Any], request_id: str | None) -> list[dict[str, Any]]:
+    """The latest ``judge.checked`` of each judge recorded before the promotion request
+    ``request_id`` (every one when the ledger has no such request), as JudgeCheckResult
+    dicts with their time: what the evidence bundle shows."""
+    from modelsmith.loop.records.events import PromotionRequested
+
+    latest: dict[str, dict[str, Any]] = {}
+    for recorded in entries:
+        event = recorded.event
+        if isinstance(event, PromotionRequested) and event.request_id == request_id:
+            break
+        if isinstance(event, JudgeChecked):
+            latest[event.judge] = msgspec.to_builtins(check_result(event, recorded.ts))
+    return [latest[name] for name in sorted(latest)]
 
 
 def check_result(event: JudgeChecked, checked_at: str | None = None) -> JudgeCheckResult:

@@ -362,6 +362,10 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
     receipts_svg = receipts_chart(receipt["rows"], threshold)
     files["analysis/receipts.json"] = _json_bytes(receipt)
     files["charts/receipts.svg"] = receipts_svg.encode()
+    from modelsmith.loop.eval.judge_check import judge_checks_as_of
+
+    judges = judge_checks_as_of(entries, request_id)
+    files["analysis/judges.json"] = _json_bytes(judges)
 
     listing = [(name, sha256_hex(data), len(data))
                for name, data in sorted(files.items())]
@@ -372,7 +376,7 @@ def build_bundle(cluster: Cluster, entries: Sequence[Recorded[LedgerEvent]], req
         diff=diff, comparison=compared, failure_patterns=patterns, training_manifest=manifest,
         training_run=run, leakage_proof=proof,
         training_chart_svg=training_svg, composite_chart_svg=composite_svg, files=listing,
-        receipts=receipt, receipts_chart_svg=receipts_svg)
+        receipts=receipt, receipts_chart_svg=receipts_svg, judges=judges)
     files["index.html"] = render_page(page).encode()
     manifest_bytes = _manifest_text(files)
     files[MANIFEST] = manifest_bytes

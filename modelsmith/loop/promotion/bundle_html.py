@@ -9,7 +9,7 @@ so, and the page never computes a figure of its own that could disagree with the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
@@ -71,6 +71,7 @@ class BundlePage:
     files: Sequence[tuple[str, str, int]]  # (path, sha256, size)
     receipts: dict[str, Any] | None = None  # bundle.receipts: base, champion, candidate, engines
     receipts_chart_svg: str = ""
+    judges: list[dict[str, Any]] = field(default_factory=list)  # each judge's latest check
 
 
 def _e(value: object) -> str:
@@ -277,6 +278,23 @@ def _gate(page: BundlePage) -> str:
     return "<h2>Policy gate</h2>" + _table(["check", "result", "detail"], rows, "no checks")
 
 
+def _judges(page: BundlePage) -> str:
+    def figure(check: dict[str, Any], name: str) -> str:
+        value = check.get(name)
+        return "—" if value is None else f"{float(value):.3f}{_ci(check.get(name + '_ci95'))}"
+
+    rows = [(_e(c.get("judge")), f"{_e(c.get('engine'))} <span class='muted'>({_e(c.get('engine_model'))})</span>",
+             figure(c, "kappa"), figure(c, "spearman"), _pct(c.get("exact_rate")),
+             _pct(c.get("within_one_rate")), f"{_e(c.get('answered'))} / {_e(c.get('examples'))}",
+             _e(c.get("consistency_mean_spread")), _e(c.get("checked_at")),
+             f"<code>{_e(str(c.get('identity', ''))[:12])}</code>") for c in page.judges]
+    return ("<h2>Judges</h2><p class='muted'>Each judge's latest check against its human-labelled "
+            "calibration set before this request (docs/judges.md); the gate's "
+            "<code>judge_agreement</code> check says whether it is the current judge.</p>"
+            + _table(["judge", "engine", "kappa", "spearman", "exact", "within one", "answered",
+                      "spread", "checked", "identity"], rows, "no judge was checked"))
+
+
 def _decision(page: BundlePage) -> str:
     if page.decision is None:
         return ('<h2>Decision</h2><p class="muted">Not decided yet: a reviewer approves with '
@@ -410,6 +428,7 @@ def render_page(page: BundlePage) -> str:
         _overview(page),
         _numbers(page),
         _gate(page),
+        _judges(page),
         _decision(page),
         "<h2>Training curve</h2>",
         f'<div class="chart">{page.training_chart_svg}</div>',
