@@ -57,6 +57,8 @@ from modelsmith.clients.mcp_tools import (
     FailureExampleView,
     FailurePatternView,
     FleetStatusArgs,
+    ImportGradersArgs,
+    ImportGradersView,
     JobArgs,
     JobStatusArgs,
     JobView,
@@ -223,6 +225,11 @@ async def judge_list(link: DaemonLink, args: ClusterArgs) -> JudgeList:
     return view(await link.call("judge.list", {"cluster": args.cluster}), JudgeList, "judge.list")
 
 
+async def import_graders(link: DaemonLink, args: ImportGradersArgs) -> ImportGradersView:
+    return view(await link.call("scenarios.import_graders", params_of(args)), ImportGradersView,
+                "scenarios.import_graders")
+
+
 async def synth_run(link: DaemonLink, args: SynthRunArgs) -> SynthStartedView:
     return view(await link.call("synth.run", params_of(args)), SynthStartedView, "synth.run")
 
@@ -347,6 +354,11 @@ TOOLS: tuple[ToolSpec[Any, Any], ...] = (
              "(loads, reference passes, no duplicate, nothing near held-out) and only in the "
              "synthetic set, never the gate's composite. Returns the job id at once.",
              SynthRunArgs, SynthStartedView, synth_run, read_only=False),
+    ToolSpec("modelsmith_import_graders", "Import OpenAI grader JSON and its dataset items (JSONL) "
+             "as a governed scenario file of a set: each item a scenario, each grader a native "
+             "criterion (python graders refused); never overwrites, a new set version in the "
+             "ledger. dry_run checks without writing.",
+             ImportGradersArgs, ImportGradersView, import_graders, read_only=False),
     ToolSpec("modelsmith_judge_check", "Start a judge check: run a cluster's judges on their "
              "human-labelled calibration sets (judges/*.yaml) and record agreement (exact, "
              "within-one, Cohen's kappa, Spearman, with intervals) and self-consistency in the "

@@ -28,6 +28,7 @@ import msgspec
 from modelsmith.errors import InternalError, InvalidParams, Unavailable
 from modelsmith.rpc.client import connect
 from modelsmith.rpc.schema.evals import EvalSummary
+from modelsmith.rpc.schema.graders import MAX_IMPORT_BYTES
 from modelsmith.rpc.schema.jobs import JOB_EVENT, JobEvent, JobSummary
 
 TEXT_CAP = 500
@@ -176,6 +177,42 @@ class JudgeCheckArgs(ToolArgs):
         "one calibration set (judges/NAME.yaml); default: every one"))] | None = None
     repeats: Annotated[int, msgspec.Meta(ge=1, le=10, description=(
         "verdicts per example for self-consistency; default: the file's"))] | None = None
+
+
+class ImportGradersArgs(ToolArgs):
+    cluster: ClusterName
+    set: Literal["core", "held-out"]
+    name: Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z", description=(
+        "the scenario file's name and the scenario id prefix"))]
+    graders: Annotated[str, msgspec.Meta(min_length=2, max_length=MAX_IMPORT_BYTES, description=(
+        "OpenAI grader JSON, as text: a grader, a list, or {testing_criteria: [...]}"))]
+    items: Annotated[str, msgspec.Meta(min_length=2, max_length=MAX_IMPORT_BYTES, description=(
+        "the dataset items, JSONL text; each line becomes a scenario"))]
+    judge_engine: Annotated[str, msgspec.Meta(min_length=1, max_length=63, description=(
+        "runs score_model and label_model graders: a named engine or cluster"))] | None = None
+    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, description=(
+        "the prompt template over an item, e.g. {{item.question}}"))] = "{{item.input}}"
+    dry_run: Annotated[bool, msgspec.Meta(description="convert and check, write nothing")] = False
+
+
+class GraderMappingView(msgspec.Struct, kw_only=True):
+    grader: str  # the grader's path in the file
+    type: str
+    criterion: str
+
+
+class ImportGradersView(msgspec.Struct, kw_only=True):
+    """What the import did; the graders' own texts (names, models, prompts) are not echoed."""
+
+    cluster: str
+    set: str
+    name: str
+    scenarios: int
+    dry_run: bool
+    mapping: list[GraderMappingView]
+    files: list[str] = []
+    version: str | None = None
+    changed: list[str] = []
 
 
 class PolicyGateArgs(ToolArgs):

@@ -150,3 +150,22 @@ def test_two_imports_racing_for_one_name_leave_one_file_and_one_conflict(
     assert outcomes == ["conflict"] * 3 + ["imported"]
     lines = (scenario_dir(daemon, "held-out") / "raced.jsonl").read_text().splitlines()
     assert len(lines) == 2
+
+
+async def test_an_agent_imports_graders_through_the_mcp_tool(daemon: DaemonProcess) -> None:
+    from clients.test_mcp import call, error_of, mcp_session, ok
+
+    async with mcp_session(daemon.socket_path) as client:
+        dry = ok(await call(client, "modelsmith_import_graders", {
+            "cluster": "adtech", "set": "held-out", "name": "agent", "graders": EVERY_KIND,
+            "items": ITEMS, "judge_engine": "cluster", "prompt": "{{item.question}}",
+            "dry_run": True}))
+        assert dry["dry_run"] and dry["scenarios"] == 2 and dry["files"] == []
+        assert dry["mapping"][0] == {"grader": "testing_criteria[0]", "type": "string_check",
+                                     "criterion": "exact"}
+        refused = await call(client, "modelsmith_import_graders", {
+            "cluster": "adtech", "set": "held-out", "name": "agent", "items": ITEMS,
+            "graders": '{"type": "python", "name": "p", "source": "import os"}'})
+        error = error_of(refused)
+        assert error["code"] == ValidationError.code and error["data"]["grader"] == "grader"
+    assert not (scenario_dir(daemon, "held-out") / "agent.jsonl").exists()
