@@ -53,8 +53,11 @@ def _metric_line(m: dict[str, Any]) -> str:
         v = m.get(key)
         return "—" if v is None else f"{v:.4g}"
 
-    return (f"  step {m['step']:>4}  reward {f('reward_mean')} ± {f('reward_std')}  kl {f('kl')}  "
+    line = (f"  step {m['step']:>4}  reward {f('reward_mean')} ± {f('reward_std')}  kl {f('kl')}  "
             f"loss {f('loss')}  lr {f('learning_rate')}  len {f('completion_length')}")
+    if m.get("judge_failure_share") is not None:  # a rubric with a judge: how often it failed
+        line += f"  judge failures {m['judge_failure_share']:.0%}"
+    return line
 
 
 def cmd_train(args: argparse.Namespace) -> int:

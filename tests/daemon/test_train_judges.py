@@ -1,0 +1,77 @@
+"""train.start and judges, through a real daemon: an HTTP judge goes into the trainer's spec (by
+the name of its key's variable, never the key); a judge the trainer cannot reach refuses the
+job with a typed error naming the scenario, criterion and engine."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.daemon_process import DaemonProcess, start_daemon
+from support.model_server import serve_model, write_served_cluster
+
+from modelsmith.errors import ValidationError
+
+JUDGED = """\
+scenarios:
+  - id: {id}
+    set: {set}
+    domain: adtech
+    prompt: what is CPM for {id}
+    rubric:
+      criteria:
+        - {{type: contains, value: "cost per mille"}}
+        - {{type: llm_judge, engine: grader}}
+"""
+
+SECRET = "sk-do-not-write-me"
+
+
+def _wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        job = daemon.call("job.get", {"job_id": job_id})
+        job = job.get("job", job)
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return dict(job)
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.05)
+
+
+def test_an_http_judge_is_in_the_spec_and_an_unreachable_one_refuses_training(
+    short_tmp: Path,
+) -> None:
+    with serve_model(lambda p, i: "no idea") as cluster_server, \
+            serve_model(lambda p, i: "SCORE: 0") as judge_server:
+        home = write_served_cluster(short_tmp / "home", "shop", cluster_server.url,
+                                    core=JUDGED.format(id="c1", set="core"),
+                                    held_out=JUDGED.format(id="h1", set="held-out"))
+        http = (f'[engines.grader]\nkind = "openai"\nurl = "{judge_server.url}"\nmodel = "j"\n'
+                'api_key_env = "JUDGE_KEY"\n')
+        with start_daemon(home, no_engines=False, config_toml=http,
+                          env={"JUDGE_KEY": SECRET}) as daemon:
+            started = daemon.call("eval.run", {"cluster": "shop", "tag": "base"})
+            assert _wait(daemon, started["jobId"])["state"] == "succeeded"
+            assert judge_server.requests  # the eval asked the named judge
+            train = daemon.call("train.start", {"cluster": "shop", "eval_tag": "base"})
+            job = _wait(daemon, train["jobId"])  # fails later: the cluster has no real model
+            spec_text = (home / "shop" / "train" / train["jobId"] / "spec.json").read_text()
+            assert job["state"] == "failed"
+        spec = json.loads(spec_text)
+        assert spec["judges"]["grader"]["url"] == judge_server.url
+        assert spec["judges"]["grader"]["api_key_env"] == "JUDGE_KEY"
+        assert SECRET not in spec_text
+
+        local = '[engines.grader]\nkind = "vllm"\nmodel = "models/judge"\n'
+        # Engines off: a vLLM judge is only named here, never loaded (nothing to load).
+        with start_daemon(home, no_engines=True, config_toml=local) as daemon:
+            with pytest.raises(ValidationError) as caught:
+                daemon.call("train.start", {"cluster": "shop", "eval_tag": "base"})
+            data = caught.value.data
+            assert (data["scenario"], data["criterion"], data["engine"]) == ("c1", "llm_judge", "grader")
+            assert data["field"] == "rubric.criteria[1].engine"
+            assert not list((home / "shop" / "train").glob("*/spec.json"))[1:]  # nothing new
+            assert daemon.call("daemon.ping")["version"]
