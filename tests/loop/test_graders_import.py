@@ -212,8 +212,12 @@ def test_a_hostile_grader_file_is_a_typed_error_naming_the_grader_and_field(
 
 def test_a_template_naming_an_unknown_item_field_names_the_grader_and_the_item_line() -> None:
     error = _refused({**STRING_CHECK, "reference": "{{item.capital}}"})
-    assert error.data == {"file": "graders", "grader": "grader", "field": "reference", "line": 1}
-    assert "capital" in error.message
+    assert error.data == {"file": "graders", "grader": "grader", "field": "reference", "line": 1,
+                          "grader_name": "s"}
+    assert "capital" in error.message and "grader grader ('s')" in error.message
+    nested = _refused(MULTI.replace("{{item.email}}", "{{item.mail}}"), CONTACT)
+    assert nested.data["grader"] == "grader.graders.email"
+    assert nested.data["grader_name"] == "email_grader"
 
 
 def test_model_graders_need_a_judge_engine_and_items_must_be_objects() -> None:

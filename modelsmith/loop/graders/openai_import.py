@@ -461,17 +461,48 @@ def _prompt(template: str, item: Any, line: int) -> Any:
     return text
 
 
+def _grader_names(graders: list[tuple[str, Any]]) -> dict[str, str]:
+    """Each grader's path -> its own ``name`` (capped), for the errors."""
+    names: dict[str, str] = {}
+    for path, grader in graders:
+        if not isinstance(grader, dict):
+            continue
+        if isinstance(grader.get("name"), str):
+            names[path] = grader["name"][:100]
+        subs = grader.get("graders")
+        if isinstance(subs, dict):
+            for key, sub in subs.items():
+                if isinstance(sub, dict) and isinstance(sub.get("name"), str):
+                    names[f"{path}.graders.{key}"] = sub["name"][:100]
+    return names
+
+
 def convert(graders_json: str, items_jsonl: str, options: ImportOptions) -> Conversion:
-    """The scenarios (plain dicts, in the scenario file format) and how each grader mapped."""
+    """The scenarios (plain dicts, in the scenario file format) and how each grader mapped.
+    A problem with one grader is a ValidationError whose ``data`` has its ``grader`` path and,
+    when it has one, its ``grader_name``."""
     try:
         document = msgspec.json.decode(graders_json)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _fail(f"not JSON: {str(exc)[:160]}") from None
+    graders = _graders_of(document)
+    try:
+        return _convert(graders, items_jsonl, options)
+    except ValidationError as exc:
+        name = _grader_names(graders).get(str(exc.data.get("grader")))
+        if name is None:
+            raise
+        path = exc.data["grader"]
+        raise ValidationError(exc.message.replace(f"grader {path}", f"grader {path} ({name!r})", 1),
+                              data={**exc.data, "grader_name": name}) from None
+
+
+def _convert(graders: list[tuple[str, Any]], items_jsonl: str, options: ImportOptions
+             ) -> Conversion:
     built: list[_Built] = []
     mapping: list[MappedGrader] = []
     formula: str | None = None
     taken: set[str] = set()
-    graders = _graders_of(document)
     for path, grader in graders:
         if isinstance(grader, dict) and grader.get("type") == "multi":
             if len(graders) > 1:
