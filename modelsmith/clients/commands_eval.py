@@ -20,7 +20,10 @@ from modelsmith.rpc.schema.evals import (
 
 def eval_block(summary: EvalSummary) -> str:
     g = summary.gates
-    sets = ", ".join(sorted(summary.scenario_sets)) or "—"
+    # The sets it ran on (scenario_sets records every set's version, the synthetic one too).
+    ran = {"core": {"core"}, "held_out": {"held-out"}, "synthetic": {"synthetic"}}.get(
+        summary.type, {"core", "held-out"})
+    sets = ", ".join(sorted(s for s in summary.scenario_sets if s in ran)) or "—"
     kind = "quick, " if summary.quick else ""
     reg = summary.regressions
     lines = [

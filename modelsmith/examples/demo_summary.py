@@ -230,10 +230,11 @@ def _synth_lines(report: DemoReport, console: Console) -> None:
     if before is None or after is None:
         console.say("    synthetic set score: not measured on both models")
         return
-    moved = "changed" if abs(after - before) >= 0.005 else "did not change"
+    delta = after - before
+    moved = f"moved it by {delta:+.3f}" if abs(delta) >= 0.005 else "did not move it"
     console.say(f"    synthetic set score (never in the gate): base {_fmt(before)} -> final "
-                f"{_fmt(after)}: training on core {moved} it (the synthetic set was not "
-                "trained on)")
+                f"{_fmt(after)} on {counts['kept']} scenarios: training on core {moved} (the "
+                "synthetic set was not trained on; so few scenarios carry no significance)")
 
 
 def print_summary(report: DemoReport, console: Console) -> None:
