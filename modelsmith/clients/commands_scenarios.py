@@ -40,10 +40,11 @@ def cmd_accept(args: argparse.Namespace) -> int:
     from modelsmith.loop.records.ssh_sign import sign_with_ssh_keygen
     from modelsmith.loop.synth.acceptance import ACCEPT_REQUEST_ID, acceptance_digest
 
-    cluster = _need_cluster(args)
     ids = list(args.ids or [])
+    # `scenarios accept CLUSTER ID...` (the cluster first), or `--cluster C ID...`.
+    cluster = args.cluster or (ids.pop(0) if ids else _need_cluster(args))
     if not ids:
-        raise UsageError("scenarios accept --cluster C ID [ID ...]: the synthetic scenarios to accept")
+        raise UsageError("scenarios accept CLUSTER ID [ID ...]: the synthetic scenarios to accept")
     listed = call(args, "synth.list", {"cluster": cluster}, SynthList)
     by_id = {s.id: s for s in listed.scenarios}
     missing = [i for i in ids if i not in by_id]

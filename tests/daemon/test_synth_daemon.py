@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,11 +206,21 @@ def test_the_rtb_generator_synthesises_and_a_signed_acceptance_moves_scenarios_i
                 [third], acceptance_digest("bids", [(third, listing[third]["sha256"])]),
                 nonce=json.loads(params["statement"])["nonce"]))
         assert caught.value.data["reason"] == "replayed"
+        # The CLI: lists, hashes what it shows, signs with the key, sends.
+        cli = subprocess.run(
+            [sys.executable, "-m", "modelsmith.clients.cli", "scenarios", "accept", "bids", third,
+             "--key", str(alice.key_path), "--socket", str(daemon.socket_path), "--json"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["ids"] == [third]
+        chosen = sorted([*chosen, third])
 
         sets = {s["name"]: s for s in daemon.call("scenarios.list", {"cluster": "bids"})["sets"]}
-        assert sets["core"]["count"] == 8 and sets["synthetic"]["count"] == len(listing) - 2
-        (event,) = [e["data"] for e in _ledger(home, "bids") if e["kind"] == "scenarios.accepted"]
-        assert event["ids"] == chosen and event["digest"] == digest
-        assert event["principal"] == "alice" and event["key_fingerprint"].startswith("SHA256:")
-        moved = (home / "bids" / "scenarios" / event["file"]).read_text()
+        assert sets["core"]["count"] == 9 and sets["synthetic"]["count"] == len(listing) - 3
+        events = [e["data"] for e in _ledger(home, "bids") if e["kind"] == "scenarios.accepted"]
+        assert [e["ids"] for e in events] == [[i for i in chosen if i != third], [third]]
+        assert events[0]["digest"] == digest
+        assert all(e["principal"] == "alice" and e["key_fingerprint"].startswith("SHA256:")
+                   for e in events)
+        moved = "".join((home / "bids" / "scenarios" / e["file"]).read_text() for e in events)
         assert all(f'"id":"{i}"' in moved and '"set":"core"' in moved for i in chosen)
