@@ -136,6 +136,9 @@ def test_a_teachers_replies_are_verified_and_counted_and_only_valid_ones_are_kep
 
         sets = {s["name"]: s for s in daemon.call("scenarios.list", {"cluster": "shop"})["sets"]}
         assert sets["synthetic"]["count"] == 2 and sets["core"]["count"] == 3
+        # The eval before the synth job is still current evidence for the gate.
+        before = daemon.call("policy.check", {"cluster": "shop", "eval_tag": "e1"})
+        assert {c["check"]: c["passed"] for c in before["checks"]}["scenario_sets"] is True
         listing = daemon.call("synth.list", {"cluster": "shop"})
         provenance = listing["scenarios"][0]["provenance"]
         assert provenance["teacher"] == "teacher" and provenance["teacher_model"] == "tiny"

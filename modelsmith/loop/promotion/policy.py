@@ -164,7 +164,8 @@ def check_policy(runtime: ClusterRuntime, eval_tag: str | None = None) -> GateEv
     if summary is None:
         checks.add("scenario_sets", False, "no eval to compare scenario-set versions with")
     else:
-        stale = sorted(k for k in set(current_sets) | set(summary.scenario_sets)
+        # The synthetic set is never in the gate: a synth job stales no evidence.
+        stale = sorted(k for k in (set(current_sets) | set(summary.scenario_sets)) - {"synthetic"}
                        if current_sets.get(k) != summary.scenario_sets.get(k))
         checks.add("scenario_sets", not stale,
                    "eval used the current governed scenario sets" if not stale else
