@@ -3,8 +3,9 @@
 For each calibration set (:mod:`modelsmith.loop.eval.judge_calibration`) the job holds the
 judge's engine ready (:func:`modelsmith.loop.eval.judges.judge_engines`, as an eval does), asks
 it ``repeats`` times per labelled example - all requests at once, the engine's own concurrency
-limit applies - with the eval's sampling (``[sampling]`` of the cluster: the judge's
-temperature), the first verdict at the eval's own seed and repeat ``k`` at ``seed + k``. The
+limit applies, and at most :data:`MAX_IN_FLIGHT` are in flight) with the eval's sampling
+(``[sampling]`` of the cluster: the judge's temperature), the first verdict at the eval's own
+seed and the repeats unseeded. The
 first verdicts are compared with the human scores (:func:`judge_stats.agreement`), all K give
 the self-consistency figures (:func:`judge_stats.consistency`). Replies are read exactly as the
 rubric reads them (:func:`modelsmith.loop.scoring.rubric.parse_judge_reply`): a malformed reply
@@ -65,6 +66,7 @@ __all__ = ["CHECKS_DIR", "JudgeService", "engine_models", "judge_checks_as_of", 
 
 CHECKS_DIR = "judge-checks"
 READY_S = 60.0
+MAX_IN_FLIGHT = 16
 
 
 def engine_models(engines: Mapping[str, NamedEngineConfig], home: Path) -> dict[str, str]:
@@ -101,16 +103,21 @@ async def run_check(calibration: CalibrationSet, engine: Engine, sampling: Sampl
     examples = calibration.examples
     replies: list[list[str | Exception]] = [[ValueError("not asked")] * repeats for _ in examples]
     done = 0
+    # In flight at once: an HTTP engine has its own limit; this bounds what a check puts on an
+    # in-process engine (vLLM's CPU build fails seeded requests split across prefill chunks).
+    limiter = anyio.CapacityLimiter(MAX_IN_FLIGHT)
 
     async def ask(row: int, k: int) -> None:
         nonlocal done
         example = examples[row]
         text = criterion.render(prompt=example.prompt, response=example.response,
                                 reference=example.reference)
-        base = sampling.seed if sampling.seed is not None else 0
-        params = msgspec.structs.replace(sampling, seed=base + k)
+        # The first verdict as the eval asks (its seed); the repeats are unseeded draws at the
+        # same temperature, so they can differ as the judge's own sampling does.
+        params = sampling if k == 0 else msgspec.structs.replace(sampling, seed=None)
         try:
-            replies[row][k] = (await engine.generate(text, params)).text
+            async with limiter:
+                replies[row][k] = (await engine.generate(text, params)).text
         except Exception as exc:  # an engine's failure is the judge's: reported, not raised
             replies[row][k] = exc
         done += 1
