@@ -92,6 +92,10 @@ class Daemon:
         self.evals = EvalService(self.fleet, self.jobs, self.engines, self.named)
         self.leases = LeaseManager()
         self.training = TrainService(self.fleet, self.jobs, self.engines, self.evals, self.leases)
+        if self.config.ray.enabled:  # training jobs as Ray actors (docs/scale.md)
+            from modelsmith.gpu.ray_trainer import RayTrainerRunner
+
+            self.training.ray_trainer = RayTrainerRunner(self.config.ray)
         self.promotions = PromotionService(self.fleet, self.engines, self.home)
         self.synth = SynthService(self.fleet, self.jobs, self.engines, self.named, self.home)
         self.judges = JudgeService(self.fleet, self.jobs, self.engines, self.named,
@@ -246,6 +250,11 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 if owns_path and self.socket_path.stat().st_ino == bound_inode:
                     self.socket_path.unlink()
+            if self.config.ray.enabled:  # the engine actors are gone now: leave the cluster
+                from modelsmith.gpu.ray_backend import disconnect
+
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    await anyio.to_thread.run_sync(disconnect, abandon_on_cancel=True)
             log.info("daemon stopped")
             self.notifier.close()
 

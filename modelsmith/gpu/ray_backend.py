@@ -14,6 +14,7 @@ imports it. Blocking Ray calls (``ray.init``, ``ray.nodes``) run in a worker thr
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "cluster_nodes",
     "connect",
     "current_placement",
+    "disconnect",
 ]
 
 _GIB = 1024**3
@@ -104,6 +106,9 @@ def current_placement() -> Placement:
 
 
 def _connect_blocking(config: RaySection) -> None:
+    # The daemon owns its signals: Ray's C++ failure-signal handler would turn the SIGTERM of a
+    # clean stop (systemd, the tests) into an abort (exit -6) after the daemon's own handler ran.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     with _connect_lock:
@@ -130,6 +135,17 @@ async def connect(config: RaySection) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise EngineError(f"Ray cluster {config.address} not reached: {exc}",
                           data={"address": config.address, "reason": "ray"}) from exc
+
+
+def disconnect() -> None:
+    """Leave the cluster (the daemon's actors die with this driver); a no-op when never joined.
+    Blocking: run it in a worker thread."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    with _connect_lock:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 def cluster_nodes() -> list[dict[str, Any]]:

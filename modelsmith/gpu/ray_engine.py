@@ -286,10 +286,10 @@ class RayEngine:
             self._running = False
 
     async def _start_actor(self) -> None:
+        started = time.monotonic()
+        await connect(self._config)  # first: it sets the environment Ray reads on import
         import ray
 
-        started = time.monotonic()
-        await connect(self._config)
         await ensure_placeable(self.request)
         actor_class = ray.remote(EngineActor)
         self._actor = actor_class.options(**self.request.options(), max_restarts=0,

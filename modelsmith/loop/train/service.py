@@ -86,6 +86,9 @@ class TrainService:
         self.evals = evals
         self.leases = leases
         self.warm_trainer = WarmTrainer()  # the next job's trainer, imports done
+        # [ray] address set: the daemon puts a modelsmith.gpu.ray_trainer.RayTrainerRunner here
+        # and training jobs run on the Ray cluster instead of under a local device lease.
+        self.ray_trainer: Any = None
 
     # -- building the job ---------------------------------------------------------------
     def spec_for(self, runtime: ClusterRuntime, params: TrainStartParams, job_id: str, iteration: int,
@@ -238,21 +241,31 @@ class TrainService:
         # so a queued trainer cannot put the engine back to sleep before the hot load.
         async with contextlib.AsyncExitStack() as device_held:
             try:
-                job.message = "waiting for a device lease"
-                lease = await device_held.enter_async_context(self.leases.lease(
-                    f"train:{job.job_id}", device=runtime.cluster.config.training.device,
-                    on_position=on_position))
-                device = lease.device
-                job.message = "training" + (f" (engines asleep: {', '.join(r.name for r in lease.slept)})"
-                                            if lease.slept else "")
-                # The trainer sees only its leased GPU (else the HF Trainer takes every one).
-                env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
-                       if device.kind == "cuda" else None)
-                try:
-                    outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env,
-                                               warm=self.warm_trainer)
-                finally:
-                    await lease.wake_residents()  # shielded and bounded
+                if self.ray_trainer is not None:
+                    # [ray]: Ray's scheduler places the trainer, no local lease (docs/scale.md).
+                    job.message = "submitted to the Ray cluster"
+
+                    def on_placed(placement: Any) -> None:
+                        job.message = f"training on {placement.describe()}"
+
+                    outcome = await self.ray_trainer(spec, on_event=on_event, log_path=log_path,
+                                                     on_position=on_position, on_placed=on_placed)
+                else:
+                    job.message = "waiting for a device lease"
+                    lease = await device_held.enter_async_context(self.leases.lease(
+                        f"train:{job.job_id}", device=runtime.cluster.config.training.device,
+                        on_position=on_position))
+                    device = lease.device
+                    job.message = "training" + (f" (engines asleep: {', '.join(r.name for r in lease.slept)})"
+                                                if lease.slept else "")
+                    # The trainer sees only its leased GPU (else the HF Trainer takes every one).
+                    env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
+                           if device.kind == "cuda" else None)
+                    try:
+                        outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env,
+                                                   warm=self.warm_trainer)
+                    finally:
+                        await lease.wake_residents()  # shielded and bounded
                 trained_at = time.monotonic()
                 stopped = outcome.stopped
                 if stopped is None or stopped.reason not in ("completed", "plateau"):
