@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,13 +212,25 @@ class PendingQueue:
 
     def __init__(self) -> None:
         self._waiting: list[str] = []
+        self._watchers: dict[str, Callable[[int | None], None]] = {}
 
-    def add(self, what: str) -> None:
+    def add(self, what: str, on_position: Callable[[int | None], None] | None = None) -> None:
+        """Queue ``what``; ``on_position`` hears its position now and whenever it moves up."""
         self._waiting.append(what)
+        if on_position is not None:
+            self._watchers[what] = on_position
+            on_position(self.position(what))
 
     def placed(self, what: str) -> None:
-        if what in self._waiting:
-            self._waiting.remove(what)
+        """``what`` left the queue (placed, refused or cancelled): the others move up."""
+        if what not in self._waiting:
+            return
+        self._waiting.remove(what)
+        watcher = self._watchers.pop(what, None)
+        if watcher is not None:
+            watcher(None)
+        for other, notify in list(self._watchers.items()):
+            notify(self.position(other))
 
     def position(self, what: str) -> int | None:
         return self._waiting.index(what) + 1 if what in self._waiting else None

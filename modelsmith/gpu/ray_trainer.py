@@ -110,9 +110,7 @@ class RayTrainerRunner:
         if spec.resume and not shared:
             checkpoint = await anyio.to_thread.run_sync(_latest_checkpoint_pack, spec)
         actor: Any = ray.remote(TrainerActor).options(**request.options(), max_restarts=0).remote()
-        self.queue.add(spec.job_id)
-        if on_position is not None:
-            on_position(self.queue.position(spec.job_id))
+        self.queue.add(spec.job_id, on_position)
         stream: Any = None
         placed: Placement | None = None
         state = _Streamed()
@@ -123,8 +121,6 @@ class RayTrainerRunner:
                 self.queue.placed(spec.job_id)
             self.placements[spec.job_id] = placed
             self.actors[spec.job_id] = actor
-            if on_position is not None:
-                on_position(None)
             if on_placed is not None:
                 on_placed(placed)
             stream = actor.train.options(num_returns="streaming").remote(
@@ -263,8 +259,9 @@ class TrainerActor:
     async def train(self, spec_bytes: bytes, shared: bool,
                     checkpoint: tuple[str, ArtifactPack] | None) -> AsyncIterator[tuple[str, Any]]:
         spec = decode_spec(spec_bytes)
+        self._root = Path(tempfile.mkdtemp(prefix=f"modelsmith-ray-{spec.job_id}-"))
+        python = _python_dying_with_parent(self._root)
         if not shared:  # node-local paths; artifacts travel back through the object store
-            self._root = Path(tempfile.mkdtemp(prefix=f"modelsmith-ray-{spec.job_id}-"))
             spec = msgspec.structs.replace(spec, work_dir=str(self._root / "work"),
                                            output_dir=str(self._root / "adapter"))
             if checkpoint is not None:
@@ -281,7 +278,7 @@ class TrainerActor:
 
         log_path = Path(spec.work_dir) / "ray-trainer.log"
         process = TrainerProcess(spec=spec, on_event=on_event, log_path=log_path,
-                                 env=_child_env())
+                                 env=_child_env(), python=python)
         self._process = process
 
         async def run() -> None:
@@ -314,8 +311,30 @@ class TrainerActor:
                 os.killpg(process.pid, 15)
 
 
+# The trainer child gets SIGTERM (it checkpoints and exits) when the actor's process dies: a
+# SIGKILLed Ray worker would otherwise leave it training, and holding its GPU, on the node.
+# PR_SET_PDEATHSIG (1) survives the exec into the real interpreter.
+_PDEATHSIG = ("import ctypes, os, signal, sys\n"
+              "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+              "if os.getppid() != int(os.environ['MODELSMITH_PARENT_PID']): sys.exit(1)\n"
+              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+
+
+def _python_dying_with_parent(directory: Path) -> str:
+    """An executable that runs ``python ARGS`` with the parent-death signal set (Linux)."""
+    import shlex
+    import sys
+
+    script = directory / "python-dying-with-parent"
+    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(_PDEATHSIG)}"
+                      ' "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
+    env["MODELSMITH_PARENT_PID"] = str(os.getpid())
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env

@@ -13,7 +13,7 @@ import pytest
 from modelsmith.daemon.config import load_daemon_config
 from modelsmith.errors import ValidationError
 from modelsmith.gpu.ray_artifacts import ArtifactPack, _list_digest, pack, unpack
-from modelsmith.gpu.ray_backend import RayRequest, Unplaceable, check_placeable
+from modelsmith.gpu.ray_backend import PendingQueue, RayRequest, Unplaceable, check_placeable
 
 
 def write_config(home: Path, text: str) -> Path:
@@ -137,3 +137,15 @@ def test_a_partial_or_altered_transfer_is_never_used(tmp_path: Path, damage: str
         unpack(damaged, out / "iter-1", expected_digest=expected)
     assert not (out / "iter-1").exists() and not (tmp_path / "escape").exists()
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_waiting_jobs_see_their_position_move_up_as_others_are_placed() -> None:
+    heard: dict[str, list[int | None]] = {"a": [], "b": [], "c": []}
+    queue = PendingQueue()
+    for name in "abc":
+        queue.add(name, heard[name].append)
+    queue.placed("a")
+    queue.placed("c")  # c left first (cancelled): b is next
+    queue.placed("b")
+    assert heard == {"a": [1, None], "b": [2, 1, 1, None], "c": [3, 2, None]}
+    assert queue.waiting() == [] and queue.position("a") is None

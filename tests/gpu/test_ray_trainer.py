@@ -137,6 +137,11 @@ async def test_a_killed_trainer_worker_fails_the_job_with_a_typed_error(
     try:
         with anyio.fail_after(RUN_TIMEOUT), pytest.raises(TrainerError) as caught:
             await runner(spec, on_event=on_event, log_path=tmp_path / "train.log")
+        # The trainer child does not outlive its worker (parent-death signal): no GPU is held.
+        (child,) = children
+        with anyio.fail_after(60):
+            while not pid_is_gone(child):  # noqa: ASYNC110 (another process's state)
+                await anyio.sleep(0.1)
     finally:
         reap(children)
     assert caught.value.data["reason"] == "worker_died"
