@@ -98,6 +98,7 @@ def test_a_judge_check_reports_known_agreement_and_records_it(short_tmp: Path) -
             assert check["consistency_mean_spread"] == 0.0 and check["consistency_agreeing"] == 1.0
             assert check["repeat_failures"] == 3      # the malformed example, every repeat
             assert check["engine"] == "grader" and check["engine_model"] == "tiny"
+            assert check["order_bias"] is None  # the template shows one answer: nothing to swap
 
             ledger = [json.loads(line) for line in
                       (home / "shop" / "ledger.jsonl").read_text().splitlines()]

@@ -155,7 +155,7 @@ async def test_a_request_is_refused_with_every_failing_reason_when_the_gate_fail
 
     assert refused.value.code == 1005
     assert set(refused.value.data["failed"]) == {"composite", "held_out", "regressions"}
-    assert len(refused.value.data["checks"]) == 13
+    assert len(refused.value.data["checks"]) == 14
     assert not (gate.home.root / "promotions").exists()
     assert gate.ledger.last_of(PromotionRequested) is None
 

@@ -53,6 +53,12 @@ class ModelServer:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class _BurstServer(ThreadingHTTPServer):
+    # socketserver's listen backlog of 5 drops connects when a client opens 16 at once on a busy
+    # box (a reset request is then a transport error, not an answer): allow a burst.
+    request_queue_size = 128
+
+
 @contextmanager
 def serve_model(answer: Answer, *, delay_s: float = 0.0,
                 usage: tuple[int, int] = (5, 1)) -> Iterator[ModelServer]:
@@ -97,7 +103,7 @@ def serve_model(answer: Answer, *, delay_s: float = 0.0,
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = _BurstServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"

@@ -124,25 +124,59 @@ async def run_check(calibration: CalibrationSet, engine: Engine, sampling: Sampl
         if job is not None:
             job.set_progress(done, len(examples) * repeats)
 
+    # A template that shows two answers (the reference and the one graded): each example with a
+    # reference is also asked with the two swapped, to see whether their places move the score.
+    two = shows_two_answers(criterion.template)
+    swapped: list[str | Exception | None] = [None] * len(examples)
+
+    async def ask_swapped(row: int) -> None:
+        example = examples[row]
+        text = criterion.render(prompt=example.prompt, response=example.reference or "",
+                                reference=example.response)
+        try:
+            async with limiter:
+                swapped[row] = (await engine.generate(text, sampling)).text
+        except Exception as exc:
+            swapped[row] = exc
+
     async with anyio.create_task_group() as tg:
         for row in range(len(examples)):
             for k in range(repeats):
                 tg.start_soon(ask, row, k)
+            if two and examples[row].reference is not None:
+                tg.start_soon(ask_swapped, row)
     scores = [_verdict_scores(r, criterion.scale) for r in replies]
+    swapped_scores = [None if r is None else _verdict_scores([r], criterion.scale)[0] for r in swapped]
     first = [s[0] for s in scores]
     figures = agreement([e.human_score for e in examples], first, scale=criterion.scale,
                         pass_mark=calibration.pass_mark, resamples=resamples, seed=seed)
     mean_spread, max_spread, agreeing, failures = consistency(scores)
     rows = []
-    for example, verdicts, raw in zip(examples, scores, replies, strict=True):
-        rows.append({"id": example.id, "labeller": example.labeller,
-                     "human_score": example.human_score, "judge_scores": verdicts,
-                     "replies": [r if isinstance(r, str) else f"error: {type(r).__name__}: {r}"
-                                 for r in raw]})
+    for example, verdicts, raw, swap, swap_raw in zip(examples, scores, replies, swapped_scores,
+                                                     swapped, strict=True):
+        entry: dict[str, Any] = {"id": example.id, "labeller": example.labeller,
+                                 "human_score": example.human_score, "judge_scores": verdicts,
+                                 "replies": [_shown(r) for r in raw]}
+        if swap_raw is not None:
+            entry.update(swapped_score=swap, swapped_reply=_shown(swap_raw))
+        rows.append(entry)
+    pairs = [(s[0], w) for s, w in zip(scores, swapped_scores, strict=True)
+             if s[0] is not None and w is not None]
     out = {name: getattr(figures, name) for name in figures.__slots__}
     out.update(consistency_mean_spread=mean_spread, consistency_max_spread=max_spread,
-               consistency_agreeing=agreeing, repeat_failures=failures)
+               consistency_agreeing=agreeing, repeat_failures=failures,
+               order_bias=round(sum(a - b for a, b in pairs) / len(pairs), 6) if pairs else None,
+               order_pairs=len(pairs))
     return out, rows
+
+
+def shows_two_answers(template: str) -> bool:
+    """Does the template show two answers (the reference and the graded one)?"""
+    return "{response}" in template and "{reference}" in template
+
+
+def _shown(reply: str | Exception) -> str:
+    return reply if isinstance(reply, str) else f"error: {type(reply).__name__}: {reply}"
 
 
 def judge_gate(runtime: ClusterRuntime, scenarios: Iterable[Scenario],
@@ -323,7 +357,8 @@ class JudgeService:
             consistency_mean_spread=figures["consistency_mean_spread"],
             consistency_max_spread=figures["consistency_max_spread"],
             consistency_agreeing=figures["consistency_agreeing"],
-            repeat_failures=figures["repeat_failures"], report=report,
+            repeat_failures=figures["repeat_failures"], order_bias=figures["order_bias"],
+            report=report,
             report_sha256=sha256_hex(data))
         recorded = await anyio.to_thread.run_sync(runtime.record, event)
         result: dict[str, Any] = msgspec.to_builtins(check_result(event, recorded.ts))
