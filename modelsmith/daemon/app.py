@@ -183,6 +183,7 @@ class Daemon:
         for runtime in self.fleet.runtimes.values():
             self.notifier.status(f"verifying cluster {runtime.cluster.name}")
             await anyio.to_thread.run_sync(runtime.open)
+            await anyio.to_thread.run_sync(self.synth.recover, runtime)
             if runtime.status_error:
                 log.error("cluster unavailable", cluster=runtime.cluster.name, error=runtime.status_error)
             if self.config.start_engines and runtime.ledger is not None:

@@ -19,7 +19,7 @@ from modelsmith.loop.synth.generate import (
     load_generator,
     pattern_sources,
 )
-from modelsmith.loop.synth.governance import read_provenance, write_kept
+from modelsmith.loop.synth.governance import publish, read_provenance, write_kept
 from modelsmith.loop.synth.verify import verify
 from modelsmith.loop.train.training_set import (
     build_manifest,
@@ -45,7 +45,7 @@ def _synthesised(tmp_path: Path) -> tuple[Path, list[str]]:
                                             pattern_sources(pattern, catalog), 6),
                   catalog, threshold=90.0).kept
     assert len(kept) == 6
-    write_kept(root / "scenarios", "j1", kept, {"generator": SPEC})
+    publish(root / "scenarios", write_kept(root / "scenarios", "j1", kept, {"generator": SPEC})[0])
     return root / "scenarios", [p.pattern for p in patterns]
 
 

@@ -20,7 +20,12 @@ from modelsmith.loop.synth.generate import (
     parse_reply,
     pattern_sources,
 )
-from modelsmith.loop.synth.governance import accept_into_core, read_provenance, write_kept
+from modelsmith.loop.synth.governance import (
+    accept_into_core,
+    publish,
+    read_provenance,
+    write_kept,
+)
 from modelsmith.loop.synth.similarity import PromptIndex
 from modelsmith.loop.synth.verify import Candidate, verify
 from modelsmith.rpc.schema.train import FailurePattern
@@ -71,6 +76,7 @@ def test_the_rtb_generator_makes_new_exact_scenarios_that_are_all_kept(cluster: 
         assert scenario.rubric == candidate.source.rubric
     # Asked again, the generator makes the same scenarios: once kept they are duplicates.
     file, _ = write_kept(cluster / "scenarios", "job1", verified.kept, {"generator": spec})
+    publish(cluster / "scenarios", file)
     again = verify(candidates_from_generator(load_generator(spec), spec, pattern, sources, 8),
                    _catalog(cluster), threshold=THRESHOLD)
     assert again.counts.dropped_duplicate == 8 and again.counts.kept == 0
@@ -150,7 +156,8 @@ def test_the_synthetic_set_loads_apart_and_is_never_in_a_full_eval(cluster: Path
     kept = verify(candidates_from_generator(load_generator(spec), spec, pattern,
                                             pattern_sources(pattern, catalog), 3),
                   catalog, threshold=THRESHOLD).kept
-    write_kept(cluster / "scenarios", "j2", kept, {"generator": spec, "teacher": None})
+    publish(cluster / "scenarios",
+            write_kept(cluster / "scenarios", "j2", kept, {"generator": spec, "teacher": None})[0])
     catalog = _catalog(cluster)
     assert len(catalog.sets["synthetic"]) == 3 and "synthetic" in catalog.versions()
     full = select_scenarios(catalog.all(), type="full", domain=None, quick=False, quick_size=8)

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import structlog
 
 from modelsmith.clock import utc_now
 from modelsmith.errors import NotFound, SignatureError, ValidationError
@@ -44,7 +45,14 @@ from modelsmith.loop.synth.generate import (
     pattern_sources,
     teacher_messages,
 )
-from modelsmith.loop.synth.governance import accept_into_core, read_provenance, write_kept
+from modelsmith.loop.synth.governance import (
+    accept_into_core,
+    accepted_file,
+    publish,
+    read_provenance,
+    recover,
+    write_kept,
+)
 from modelsmith.loop.synth.verify import Candidate, Verified, verify
 from modelsmith.rpc.dispatch import MethodTable
 from modelsmith.rpc.schema.synth import (
@@ -67,6 +75,8 @@ __all__ = ["SynthPlan", "SynthService"]
 TEACHER_SAMPLING = Sampling(temperature=0.8, top_p=0.95, max_tokens=512, seed=0)
 TEACHER_READY_S = 60.0
 REJECTIONS_REPORTED = 50
+
+log = structlog.get_logger("modelsmith.synth")
 
 
 @dataclass(frozen=True)
@@ -169,12 +179,11 @@ class SynthService:
             verified: Verified = await anyio.to_thread.run_sync(
                 lambda: verify(candidates, catalog, threshold=threshold, max_prompt_bytes=limit))
             file = sha = None
-            if verified.kept:
+            if verified.kept:  # written under a pending name; published once recorded
                 provenance = {"teacher": plan.teacher, "teacher_model": model,
                               "generator": plan.generator, "eval_tag": plan.eval_tag}
                 file, sha = await anyio.to_thread.run_sync(
                     write_kept, runtime.cluster.scenarios_dir, job.job_id, verified.kept, provenance)
-                await anyio.to_thread.run_sync(runtime.reload_scenarios)
             c = verified.counts
             ids = [s.id for s, _ in verified.kept]
             await anyio.to_thread.run_sync(runtime.record, SynthFinished(
@@ -186,6 +195,10 @@ class SynthService:
                 kept=c.kept, ids=ids, prompt_sha256=sorted({cand.prompt_sha256 for cand in candidates}),
                 teacher=plan.teacher, teacher_model=model, generator=plan.generator, file=file,
                 sha256=sha, near_duplicate_threshold=threshold))
+            if file is not None:
+                with anyio.CancelScope(shield=True):  # recorded: it must reach its set
+                    await anyio.to_thread.run_sync(publish, runtime.cluster.scenarios_dir, file)
+                    await anyio.to_thread.run_sync(runtime.reload_scenarios)
         job.set_progress(len(plan.patterns), len(plan.patterns),
                          f"kept {c.kept} of {c.generated} candidates")
         result = SynthResult(
@@ -236,6 +249,23 @@ class SynthService:
         return out
 
     # -- listing and acceptance ---------------------------------------------------------------
+    def recover(self, runtime: ClusterRuntime) -> list[str]:
+        """Finish the synth writes and acceptances a crash interrupted (see
+        :func:`~modelsmith.loop.synth.governance.recover`); blocking, before the daemon serves."""
+        if runtime.ledger is None:
+            return []
+        finished = {r.event.file: r.event.sha256 for r in runtime.ledger.find(SynthFinished)
+                    if r.event.file is not None and r.event.sha256 is not None}
+        accepted = [(r.event.ids, r.event.file, r.event.digest)
+                    for r in runtime.ledger.find(ScenariosAcceptedEvent)]
+        done = recover(runtime.cluster.scenarios_dir, finished, accepted,
+                       prompt_byte_limit(runtime.cluster.config.model.max_model_len))
+        for line in done:
+            log.warning("synthetic scenarios recovered", cluster=runtime.cluster.name, action=line)
+        if done:
+            runtime.reload_scenarios()
+        return done
+
     def listing(self, cluster: str) -> SynthList:
         runtime = self.fleet.get(cluster)
         catalog = runtime.require_catalog()
@@ -269,13 +299,17 @@ class SynthService:
         if said.decision != "accept" or said.request_id != ACCEPT_REQUEST_ID:
             raise SignatureError("the statement does not accept scenarios",
                                  data={"reason": "malformed", "field": "statement.decision"})
-        file, sha = accept_into_core(runtime.cluster.scenarios_dir, sorted(set(params.ids)), digest,
-                                     prompt_byte_limit(runtime.cluster.config.model.max_model_len))
-        runtime.reload_scenarios()
+        ids = sorted(set(params.ids))
+        limit = prompt_byte_limit(runtime.cluster.config.model.max_model_len)
+        file, sha = accepted_file(runtime.cluster.scenarios_dir, ids, digest, limit)
+        # The signed decision is recorded first: a crash before the move is finished by
+        # recover() at the next start, never a core file without its acceptance.
         runtime.record(ScenariosAcceptedEvent(
-            ids=sorted(set(params.ids)), file=file, sha256=sha, digest=digest,
+            ids=ids, file=file, sha256=sha, digest=digest,
             principal=verified.principal, key_fingerprint=verified.key_fingerprint,
             nonce=said.nonce, statement=params.statement, signature=params.signature))
+        accept_into_core(runtime.cluster.scenarios_dir, ids, digest, limit)
+        runtime.reload_scenarios()
         return ScenariosAccepted(cluster=params.cluster, ids=sorted(set(params.ids)), file=file,
                                  principal=verified.principal,
                                  versions=dict(runtime.require_catalog().versions()))
