@@ -63,6 +63,7 @@ _WATCH_S = 5.0
 _WATCH_GRACE_S = 30.0
 _STOP_S = 30.0
 _MAX_BACKOFF_S = 60.0
+_CHUNK_S = 0.02
 
 _Outcome = tuple[dict[str, Any] | None, Any]
 
@@ -458,9 +459,12 @@ class EngineActor:
             tg.start_soon(produce)
             async for first in receive:
                 chunk = [first]
-                with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
-                    while True:
-                        chunk.append(receive.receive_nowait())
+                # Gather what finishes within _CHUNK_S of the first: one object per batch
+                # rather than per answer (each streamed object costs about a millisecond).
+                with anyio.move_on_after(_CHUNK_S), \
+                        contextlib.suppress(anyio.EndOfStream):
+                    while not isinstance(chunk[-1], ModelsmithError):
+                        chunk.append(await receive.receive())
                 done = [item for item in chunk if not isinstance(item, ModelsmithError)]
                 if done:
                     yield None, done
