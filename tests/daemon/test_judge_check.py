@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.daemon_process import DaemonProcess, start_daemon
+from support.daemon_process import start_daemon, wait_job
 from support.model_server import serve_model, write_served_cluster
 
 from modelsmith.errors import NotFound, ValidationError
@@ -55,16 +53,6 @@ def deterministic_judge(prompt: str, index: int) -> str:
     return f"Looks fine.\nSCORE: {said.group(1)}"
 
 
-def _wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while True:
-        job = daemon.call("job.get", {"job_id": job_id})
-        job = job.get("job", job)
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return dict(job)
-        assert time.monotonic() < deadline, "the judge check did not finish"
-        time.sleep(0.05)
-
 
 def test_a_judge_check_reports_known_agreement_and_records_it(short_tmp: Path) -> None:
     with serve_model(lambda p, i: "cost per mille") as cluster_server, \
@@ -80,7 +68,7 @@ def test_a_judge_check_reports_known_agreement_and_records_it(short_tmp: Path) -
         with start_daemon(home, no_engines=False, config_toml=config) as daemon:
             started = daemon.call("judge.check", {"cluster": "shop"})
             assert started["judges"] == ["grader"]
-            job = _wait(daemon, started["jobId"])
+            job = wait_job(daemon, started["jobId"])
             assert job["state"] == "succeeded", job
             assert len(judge_server.requests) == len(EXAMPLES) * 3
 

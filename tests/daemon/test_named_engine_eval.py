@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.daemon_process import DaemonProcess, start_daemon
+from support.daemon_process import start_daemon, wait_job
 from support.model_server import ModelServer, serve_model, write_served_cluster
 
 from modelsmith.errors import NotFound, ValidationError
@@ -79,16 +78,6 @@ timeout_s = 1.5
 """
 
 
-def _wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while True:
-        job = daemon.call("job.get", {"job_id": job_id})
-        job = job.get("job", job)
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return dict(job)
-        assert time.monotonic() < deadline, "the eval did not finish"
-        time.sleep(0.05)
-
 
 def _ledger(home: Path) -> list[dict[str, Any]]:
     path = home / "shop" / "ledger.jsonl"
@@ -101,11 +90,11 @@ def test_an_eval_on_a_named_engine_is_scored_recorded_capped_and_never_evidence(
     home = _home(short_tmp, cluster_server.url)
     with start_daemon(home, no_engines=False, config_toml=_config(frontier_server.url)) as daemon:
         own = daemon.call("eval.run", {"cluster": "shop", "tag": "own-1"})
-        assert _wait(daemon, own["jobId"])["state"] == "succeeded"
+        assert wait_job(daemon, own["jobId"])["state"] == "succeeded"
 
         started = daemon.call("eval.run", {"cluster": "shop", "engine": "frontier", "workers": 2})
         assert started["tag"] == "shop-frontier-full"
-        job = _wait(daemon, started["jobId"])
+        job = wait_job(daemon, started["jobId"])
         assert job["state"] == "succeeded", job
         assert len(frontier_server.requests) == 7
         assert frontier_server.max_in_flight <= 2  # workers caps the eval's requests
@@ -157,13 +146,13 @@ def test_an_unreachable_named_engine_fails_its_eval_and_nothing_else(
     home = _home(short_tmp, cluster_server.url)
     with start_daemon(home, no_engines=False, config_toml=_config(frontier_server.url)) as daemon:
         started = daemon.call("eval.run", {"cluster": "shop", "engine": "gone"})
-        job = _wait(daemon, started["jobId"])
+        job = wait_job(daemon, started["jobId"])
         assert job["state"] == "failed"
         assert job["error"]["code"] == 1007, job["error"]
         failed = [e["data"] for e in _ledger(home) if e["kind"] == "eval.failed"]
         assert [e["tag"] for e in failed] == [started["tag"]]
         assert daemon.call("daemon.ping") is not None
         again = daemon.call("eval.run", {"cluster": "shop", "engine": "frontier"})
-        assert _wait(daemon, again["jobId"])["state"] == "succeeded"
+        assert wait_job(daemon, again["jobId"])["state"] == "succeeded"
         own = daemon.call("eval.run", {"cluster": "shop"})
-        assert _wait(daemon, own["jobId"])["state"] == "succeeded"
+        assert wait_job(daemon, own["jobId"])["state"] == "succeeded"

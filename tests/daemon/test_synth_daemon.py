@@ -10,14 +10,13 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support.daemon_process import DaemonProcess, start_daemon
+from support.daemon_process import start_daemon, wait_job
 from support.model_server import ModelServer, serve_model, write_served_cluster
 from support.promotion_home import allow_signers, make_reviewer
 
@@ -75,16 +74,6 @@ def teacher_server() -> Iterator[ModelServer]:
         yield server
 
 
-def _wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while True:
-        job = daemon.call("job.get", {"job_id": job_id})
-        job = job.get("job", job)
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return dict(job)
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(0.05)
-
 
 def _ledger(home: Path, cluster: str) -> list[dict[str, Any]]:
     path = home / cluster / "ledger.jsonl"
@@ -101,7 +90,7 @@ def test_a_teachers_replies_are_verified_and_counted_and_only_valid_ones_are_kep
     home = write_served_cluster(short_tmp / "home", "shop", cluster_server.url, core=CORE,
                                 held_out=HELD)
     with start_daemon(home, no_engines=False, config_toml=_config(teacher_server.url)) as daemon:
-        assert _wait(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "e1"})["jobId"])[
+        assert wait_job(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "e1"})["jobId"])[
             "state"] == "succeeded"
         with pytest.raises(ValidationError):  # no teacher and no [synthesis] generator
             daemon.call("synth.run", {"cluster": "shop", "from_eval": "e1"})
@@ -113,7 +102,7 @@ def test_a_teachers_replies_are_verified_and_counted_and_only_valid_ones_are_kep
 
         started = daemon.call("synth.run", {"cluster": "shop", "from_eval": "e1",
                                             "teacher": "teacher", "count": 8})
-        job = _wait(daemon, started["jobId"])
+        job = wait_job(daemon, started["jobId"])
         assert job["state"] == "succeeded", job
         result = job["result"]
         assert result["counts"] == {"generated": 8, "dropped_invalid": 3,
@@ -145,12 +134,12 @@ def test_a_teachers_replies_are_verified_and_counted_and_only_valid_ones_are_kep
         assert provenance["pattern"] == result["patterns"][0]
         assert provenance["source_ids"][0] in {"c-1", "c-2", "c-3"}
         # A full eval is core + held-out: the synthetic set is not in its composite.
-        assert _wait(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "e2"})["jobId"])[
+        assert wait_job(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "e2"})["jobId"])[
             "state"] == "succeeded"
         summary = daemon.call("eval.summary", {"cluster": "shop", "tag": "e2"})
         assert summary["scored"] == 4 and "synthetic" not in summary["by_set"]
         # Evaluated apart, it is reported and never promotion evidence.
-        assert _wait(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "syn",
+        assert wait_job(daemon, daemon.call("eval.run", {"cluster": "shop", "tag": "syn",
                                                       "type": "synthetic"})["jobId"])[
             "state"] == "succeeded"
         synthetic = daemon.call("eval.summary", {"cluster": "shop", "tag": "syn"})
@@ -174,9 +163,9 @@ def test_the_rtb_generator_synthesises_and_a_signed_acceptance_moves_scenarios_i
     alice = make_reviewer(short_tmp / "keys", "alice")
     allow_signers(home, f"alice {alice.public_line}")
     with start_daemon(home, no_engines=False) as daemon:
-        assert _wait(daemon, daemon.call("eval.run", {"cluster": "bids", "tag": "e1"})["jobId"])[
+        assert wait_job(daemon, daemon.call("eval.run", {"cluster": "bids", "tag": "e1"})["jobId"])[
             "state"] == "succeeded"
-        job = _wait(daemon, daemon.call("synth.run", {"cluster": "bids", "from_eval": "e1",
+        job = wait_job(daemon, daemon.call("synth.run", {"cluster": "bids", "from_eval": "e1",
                                                       "count": 4})["jobId"])
         assert job["state"] == "succeeded", job
         counts = job["result"]["counts"]

@@ -5,12 +5,10 @@ job with a typed error naming the scenario, criterion and engine."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.daemon_process import DaemonProcess, start_daemon
+from support.daemon_process import start_daemon, wait_job
 from support.model_server import serve_model, write_served_cluster
 
 from modelsmith.errors import ValidationError
@@ -30,16 +28,6 @@ scenarios:
 SECRET = "sk-do-not-write-me"
 
 
-def _wait(daemon: DaemonProcess, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while True:
-        job = daemon.call("job.get", {"job_id": job_id})
-        job = job.get("job", job)
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return dict(job)
-        assert time.monotonic() < deadline, "the job did not finish"
-        time.sleep(0.05)
-
 
 def test_an_http_judge_is_in_the_spec_and_an_unreachable_one_refuses_training(
     short_tmp: Path,
@@ -54,10 +42,10 @@ def test_an_http_judge_is_in_the_spec_and_an_unreachable_one_refuses_training(
         with start_daemon(home, no_engines=False, config_toml=http,
                           env={"JUDGE_KEY": SECRET}) as daemon:
             started = daemon.call("eval.run", {"cluster": "shop", "tag": "base"})
-            assert _wait(daemon, started["jobId"])["state"] == "succeeded"
+            assert wait_job(daemon, started["jobId"])["state"] == "succeeded"
             assert judge_server.requests  # the eval asked the named judge
             train = daemon.call("train.start", {"cluster": "shop", "eval_tag": "base"})
-            job = _wait(daemon, train["jobId"])  # fails later: the cluster has no real model
+            job = wait_job(daemon, train["jobId"])  # fails later: the cluster has no real model
             spec_text = (home / "shop" / "train" / train["jobId"] / "spec.json").read_text()
             assert job["state"] == "failed"
         spec = json.loads(spec_text)

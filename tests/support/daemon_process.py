@@ -296,6 +296,19 @@ def _child_env(notify_address: str, extra: Mapping[str, str] | None) -> dict[str
     return env
 
 
+def wait_job(daemon: DaemonProcess, job_id: str, *, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll ``job.get`` until the job ends (succeeded, failed, cancelled); returns the job.
+    A job still running after ``timeout_s`` fails the test."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = daemon.call("job.get", {"job_id": job_id})
+        job = job.get("job", job)
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return dict(job)
+        assert time.monotonic() < deadline, f"job {job_id} did not end within {timeout_s:g} s"
+        time.sleep(0.05)  # polling another process, bounded by the deadline
+
+
 @contextlib.contextmanager
 def spawn_daemon(
     home: Path,
