@@ -48,14 +48,18 @@ from modelsmith.gpu.ray_backend import (
     gib,
 )
 from modelsmith.gpu.ray_config import RaySection
-from modelsmith.gpu.trainer_process import TrainerEventHandler, TrainerOutcome, TrainerProcess
+from modelsmith.gpu.trainer_process import (
+    TrainerEventHandler,
+    TrainerOutcome,
+    TrainerProcess,
+    note_event,
+)
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
     TrainerCheckpoint,
     TrainerFailed,
     TrainerStopped,
     TrainJobSpec,
-    decode_event,
     decode_spec,
     encode_spec,
 )
@@ -158,17 +162,9 @@ class RayTrainerRunner:
         if kind == "event":
             log.write(payload + b"\n")
             log.flush()
-            try:
-                event = decode_event(payload)
-            except ValidationError:
-                state.bad_lines += 1
+            event = note_event(payload, state)
+            if event is None:
                 return
-            if isinstance(event, TrainerStopped):
-                state.stopped = event
-            elif isinstance(event, AdapterSaved):
-                state.adapter_saved = event
-            elif isinstance(event, TrainerFailed):
-                state.failed = event
             result = on_event(event)
             if inspect.isawaitable(result):
                 await result

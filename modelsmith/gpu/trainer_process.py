@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import anyio
 import anyio.to_thread
@@ -58,9 +58,11 @@ __all__ = [
     "PID_FILE",
     "SPEC_FILE",
     "STDERR_FILE",
+    "EndSeen",
     "TrainerEventHandler",
     "TrainerOutcome",
     "TrainerProcess",
+    "note_event",
     "run_trainer",
 ]
 
@@ -85,6 +87,35 @@ class TrainerOutcome:
     adapter_path: Path | None
     stderr_tail: tuple[str, ...]
     bad_lines: int
+
+
+class EndSeen(Protocol):
+    """What a reader of a trainer's event lines keeps of how the run ended."""
+
+    stopped: TrainerStopped | None
+    adapter_saved: AdapterSaved | None
+    failed: TrainerFailed | None
+    bad_lines: int
+
+
+def note_event(line: bytes, seen: EndSeen) -> TrainerEvent | None:
+    """Decode one event line (None for a blank one, or one that is no event: counted in
+    ``seen.bad_lines``) and keep in ``seen`` the events that decide the outcome. The local
+    runner and the Ray runner read the child's stream through this one function."""
+    if not line.strip():
+        return None
+    try:
+        event = decode_event(line)
+    except ValidationError:
+        seen.bad_lines += 1
+        return None
+    if isinstance(event, TrainerStopped):
+        seen.stopped = event
+    elif isinstance(event, AdapterSaved):
+        seen.adapter_saved = event
+    elif isinstance(event, TrainerFailed):
+        seen.failed = event
+    return event
 
 
 class _LineSplitter:
@@ -258,20 +289,8 @@ class TrainerProcess:
         if self._log is not None:
             self._log.write(line + b"\n")
             self._log.flush()
-        if not line.strip():
-            return
-        try:
-            event = decode_event(line)
-        except ValidationError:
-            self.bad_lines += 1
-            return
-        if isinstance(event, TrainerStopped):
-            self.stopped = event
-        elif isinstance(event, AdapterSaved):
-            self.adapter_saved = event
-        elif isinstance(event, TrainerFailed):
-            self.failed = event
-        if not self._deliver_events:
+        event = note_event(line, self)
+        if event is None or not self._deliver_events:
             return
         try:
             result = self.on_event(event)
