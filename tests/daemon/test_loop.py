@@ -127,12 +127,16 @@ def test_a_paused_loop_finishes_its_step_waits_and_resumes_where_it_was(served: 
             assert paused["state"] == "paused"
             with pytest.raises(ConflictError):
                 daemon.call("loop.pause", {"cluster": "loop-pause"})
-            # The eval that was running finishes; the loop stays paused and remembers the next step.
-            status = wait_loop(daemon, "loop-pause", lambda s: s["paused_from"] == "diagnosing")
-            assert status["state"] == "paused" and status["current_job"] is None
+            # The eval that was running finishes; the loop stays paused and remembers the next
+            # step: diagnosing, or (when the eval ended between the poll and the pause, which a
+            # small set on a fast box allows) the step it had already moved on to.
+            status = wait_loop(daemon, "loop-pause",
+                               lambda s: s["paused_from"] is not None and s["current_job"] is None)
+            assert status["state"] == "paused"
+            assert status["paused_from"] in ("diagnosing", "training"), status
             assert all(j["state"] != "running" for j in daemon.call("job.list", {"cluster": "loop-pause"})["jobs"])
             resumed = daemon.call("loop.resume", {"cluster": "loop-pause"})
-            assert resumed["state"] == "diagnosing"
+            assert resumed["state"] == status["paused_from"]
             status = wait_loop(daemon, "loop-pause", lambda s: s["state"] == "training" and s["current_job"])
             stopped = daemon.call("loop.stop", {"cluster": "loop-pause"})
             assert stopped["state"] == "idle" and not stopped["active"]
