@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -293,6 +293,18 @@ class EnginePool:
         return [(self._gates[key], spec.tensor_parallel_size)
                 for key, spec in self._specs.items()
                 if spec.kind == "vllm" and self._engines[key].info().kind == "vllm"]
+
+    def co_located(self, placement: Any) -> list[EngineGate]:
+        """The gates of engines in Ray actors (kind "vllm-ray") that share a GPU with a
+        trainer's ``placement`` (a :class:`~modelsmith.gpu.ray_backend.Placement`): they sleep
+        while it trains, as residents of one box's GPU do (docs/scale.md)."""
+        found = []
+        for key, engine in self._engines.items():
+            where = getattr(engine, "placement", None)
+            if engine.info().kind == "vllm-ray" and where is not None \
+                    and placement.shares_gpus_with(where):
+                found.append(self._gates[key])
+        return found
 
     def gate_for(self, cluster: str) -> EngineGate:
         self.engine_for(cluster)  # the typed error for a cluster without an engine

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "cluster_nodes",
     "connect",
     "current_placement",
+    "describe_placements",
     "disconnect",
 ]
 
@@ -58,6 +59,8 @@ class RayRequest:
     resources: Mapping[str, float] | None = None
     # GPUs taken by vLLM's Ray executor (tensor x pipeline parallel), one per bundle, anywhere.
     spread_gpus: int = 0
+    # Copies of this request placed at once (Ray Train workers: one bundle each, any nodes).
+    count: int = 1
 
     def as_ray(self) -> dict[str, float]:
         """The single-node resource dict Ray schedules the actor or task by."""
@@ -93,6 +96,21 @@ class Placement:
     def describe(self) -> str:
         gpus = f" GPUs {','.join(self.gpus)}" if self.gpus else ""
         return f"node {self.node_id[:12]} ({self.node_ip}){gpus}"
+
+    def shares_gpus_with(self, other: Placement) -> bool:
+        """Same node and at least one GPU id in common (Ray gives fractional GPUs on one
+        device the same id): the sleep/wake rule of one box, per node."""
+        return self.node_id == other.node_id and bool(set(self.gpus) & set(other.gpus))
+
+
+def describe_placements(placements: Placement | Sequence[Placement]) -> str:
+    """One placement as :meth:`Placement.describe`; several (Ray Train workers) by rank."""
+    if isinstance(placements, Placement):
+        return placements.describe()
+    if len(placements) == 1:
+        return placements[0].describe()
+    return f"{len(placements)} workers: " + "; ".join(
+        f"rank {rank} on {p.describe()}" for rank, p in enumerate(placements))
 
 
 def current_placement() -> Placement:
@@ -180,6 +198,14 @@ def check_placeable(request: RayRequest, nodes: list[dict[str, Any]]) -> None:
             f"has it (the most any node has: {_amount(name, largest)}); it would wait forever",
             data={"what": request.what, "resource": name, "requested": _number(amount),
                   "largest": _number(largest), "reason": "unplaceable"})
+    if request.count > 1:
+        fits = sum(_copies(node["resources"], wanted) for node in nodes)
+        if fits < request.count:
+            raise Unplaceable(
+                f"{request.what} needs {request.count} workers of {_shown(wanted)} each and the "
+                f"Ray cluster can hold {fits} at once; it would wait forever",
+                data={"what": request.what, "resource": "workers", "requested": request.count,
+                      "largest": fits, "per_worker": wanted, "reason": "unplaceable"})
     if request.spread_gpus:
         total = sum(node["resources"].get("GPU", 0.0) for node in nodes)
         if total < request.spread_gpus:
@@ -188,6 +214,17 @@ def check_placeable(request: RayRequest, nodes: list[dict[str, Any]]) -> None:
                 f"and the Ray cluster has {total:g}",
                 data={"what": request.what, "resource": "GPU", "requested": request.spread_gpus,
                       "largest": total, "reason": "unplaceable"})
+
+
+def _copies(resources: Mapping[str, float], wanted: Mapping[str, float]) -> int:
+    """How many bundles of ``wanted`` one node's totals hold."""
+    counts = [math.floor(resources.get(name, 0.0) / amount + 1e-9)
+              for name, amount in wanted.items() if amount > 0]
+    return min(counts) if counts else 1 << 30
+
+
+def _shown(wanted: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{name}: {_amount(name, amount)}" for name, amount in wanted.items()) + "}"
 
 
 def _number(value: float) -> float | None:

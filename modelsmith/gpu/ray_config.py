@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["RayEngineSection", "RayRuntimeEnv", "RaySection", "RayTrainerSection"]
 
@@ -91,7 +92,8 @@ class RayEngineSection(_Section):
 
 
 class RayTrainerSection(_Section):
-    """What one training job asks of the Ray cluster."""
+    """What one training job asks of the Ray cluster: one trainer actor, or with ``[training]
+    num_workers`` > 1 one Ray Train worker each (a coordinating actor then takes no GPU)."""
 
     num_cpus: float = Field(default=1.0, ge=0, description="CPUs the trainer task reserves.")
     num_gpus: float = Field(default=1.0, ge=0, description="GPUs the trainer task reserves "
@@ -100,9 +102,14 @@ class RayTrainerSection(_Section):
                                     "reserves, in GiB.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray "
                                         "resources the trainer needs.")
-    retries: int = Field(default=0, ge=0, le=10, description="When a trainer's worker or node "
-                         "dies, run the job again from its last checkpoint this many times; 0: "
-                         "the job fails with a TrainerError.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "retries" in data:
+            raise ValueError("retries moved to [training] retries in each cluster's cluster.toml "
+                             "(it applies to every training job, with or without Ray)")
+        return data
 
     @field_validator("resources")
     @classmethod

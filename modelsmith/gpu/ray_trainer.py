@@ -27,7 +27,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import msgspec
 
 from modelsmith.errors import ModelsmithError, TrainerError, ValidationError, error_envelope
 from modelsmith.gpu.adapters import verify_adapter
+from modelsmith.gpu.leases import Device, Lease, Resident
 from modelsmith.gpu.ray_artifacts import ArtifactPack, pack, unpack
 from modelsmith.gpu.ray_backend import (
     PendingQueue,
@@ -44,6 +45,7 @@ from modelsmith.gpu.ray_backend import (
     RayRequest,
     connect,
     current_placement,
+    describe_placements,
     ensure_placeable,
     gib,
 )
@@ -64,7 +66,7 @@ from modelsmith.gpu.trainer_spec import (
     encode_spec,
 )
 
-__all__ = ["RayTrainerRunner", "TrainerActor"]
+__all__ = ["RayTrainerRunner", "TrainerActor", "rank_spec", "run_rank"]
 
 _STOP_S = 60.0
 _CHECKPOINTS = "checkpoints"
@@ -76,36 +78,36 @@ class RayTrainerRunner:
     def __init__(self, config: RaySection) -> None:
         self.config = config
         self.queue = PendingQueue()
-        self.placements: dict[str, Placement] = {}  # job id -> where its attempt runs now
+        self.placements: dict[str, list[Placement]] = {}  # job id -> where its ranks run now
         self.actors: dict[str, Any] = {}  # job id -> its attempt's actor handle
 
     def request(self, spec: TrainJobSpec) -> RayRequest:
+        """One trainer's share, ``spec.num_workers`` times (Ray Train's workers: any nodes)."""
         section = self.config.trainer
         return RayRequest(what=f"trainer {spec.job_id}", num_cpus=section.num_cpus,
                           num_gpus=section.num_gpus, memory_bytes=gib(section.memory_gb),
-                          resources=section.resources)
+                          resources=section.resources, count=spec.num_workers)
 
     async def __call__(self, spec: TrainJobSpec, *, on_event: TrainerEventHandler, log_path: Path,
                        on_position: Callable[[int | None], None] | None = None,
-                       on_placed: Callable[[Placement], None] | None = None) -> TrainerOutcome:
+                       on_placed: Callable[[list[Placement]], None] | None = None,
+                       residents: Callable[[Placement], list[Resident]] | None = None,
+                       ) -> TrainerOutcome:
+        """One attempt (``[training] retries`` are the caller's: TrainService). ``residents``
+        names the engines sharing a GPU with a rank's placement: they sleep before that rank's
+        trainer starts and wake when the attempt ends, however it ends."""
         await connect(self.config)
         request = self.request(spec)
         await ensure_placeable(request)  # Unplaceable now rather than waiting forever
-        attempts = self.config.trainer.retries + 1
-        for attempt in range(1, attempts + 1):
-            try:
-                return await self._attempt(spec if attempt == 1 else _resumed(spec), request,
-                                           on_event, Path(log_path), on_position, on_placed)
-            except TrainerError as exc:
-                if exc.data.get("reason") != "worker_died" or attempt == attempts:
-                    exc.data["attempts"] = attempt
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._attempt(spec, request, on_event, Path(log_path), on_position,
+                                   on_placed, residents)
 
     async def _attempt(self, spec: TrainJobSpec, request: RayRequest,
                        on_event: TrainerEventHandler, log_path: Path,
                        on_position: Callable[[int | None], None] | None,
-                       on_placed: Callable[[Placement], None] | None) -> TrainerOutcome:
+                       on_placed: Callable[[list[Placement]], None] | None,
+                       residents: Callable[[Placement], list[Resident]] | None,
+                       ) -> TrainerOutcome:
         import ray
         from ray.exceptions import RayActorError, RayError
 
@@ -113,48 +115,64 @@ class RayTrainerRunner:
         checkpoint = None
         if spec.resume and not shared:
             checkpoint = await anyio.to_thread.run_sync(_latest_checkpoint_pack, spec)
-        actor: Any = ray.remote(TrainerActor).options(**request.options(), max_restarts=0).remote()
+        data_parallel = spec.num_workers > 1
+        # Data parallel: a coordinating actor (no GPU) runs Ray Train's TorchTrainer, whose
+        # workers take the trainer's share each; else the actor takes it and trains itself.
+        options = {"num_cpus": 0} if data_parallel else request.options()
+        actor: Any = ray.remote(TrainerActor).options(**options, max_restarts=0).remote()
         self.queue.add(spec.job_id, on_position)
+        self.actors[spec.job_id] = actor
+        placed: dict[int, Placement] = {}
+        # The engines slept for this attempt's ranks; woken (shielded, bounded) at its end.
+        asleep = Lease(Device(index=-1, kind="ray", name=f"ray:{spec.job_id}",
+                              memory_total_mb=None), [])
         stream: Any = None
-        placed: Placement | None = None
         state = _Streamed()
         try:
-            try:
-                placed = Placement(**await actor.start.remote())
-            finally:
-                self.queue.placed(spec.job_id)
-            self.placements[spec.job_id] = placed
-            self.actors[spec.job_id] = actor
-            if on_placed is not None:
-                on_placed(placed)
             stream = actor.train.options(num_returns="streaming").remote(
-                encode_spec(spec), shared, checkpoint)
+                encode_spec(spec), shared, checkpoint,
+                request.options() if data_parallel else None)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("ab") as log:
                 async for ref in stream:
                     kind, payload = await ref
-                    await self._receive(kind, payload, spec, log, on_event, state)
+                    if kind == "placed":
+                        rank, where = payload
+                        placed[rank] = Placement(**where)
+                        if len(placed) == spec.num_workers:
+                            self.queue.placed(spec.job_id)
+                        await _sleep_for(placed[rank], residents, asleep)
+                        ordered = [placed[r] for r in sorted(placed)]
+                        self.placements[spec.job_id] = ordered
+                        if on_placed is not None:
+                            on_placed(ordered)
+                        await actor.release.remote(rank)  # that rank's trainer may start now
+                    else:
+                        await self._receive(kind, payload, spec, log, on_event, state)
         except RayActorError as exc:
             raise TrainerError(
                 f"trainer for job {spec.job_id} died on the Ray cluster (its worker or node is "
                 f"gone): {type(exc).__name__}",
                 data={"job_id": spec.job_id, "reason": "worker_died",
-                      "node": placed.describe() if placed is not None else None}) from exc
+                      "node": describe_placements(list(placed.values())) if placed else None}
+            ) from exc
         except RayError as exc:
             raise TrainerError(f"trainer for job {spec.job_id} failed in Ray: {type(exc).__name__}",
                                data={"job_id": spec.job_id, "reason": "ray"}) from exc
         except BaseException:
             if stream is not None:
-                # Cancelled: the actor SIGTERMs the child, which checkpoints (bounded).
+                # Cancelled: the actor SIGTERMs the trainers, which checkpoint (bounded).
                 with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_S), \
                         contextlib.suppress(Exception):
                     await actor.stop.remote()
             raise
         finally:
+            self.queue.placed(spec.job_id)
             self.placements.pop(spec.job_id, None)
             self.actors.pop(spec.job_id, None)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
+            await asleep.wake_residents()
         return await self._outcome(spec, state)
 
     async def _receive(self, kind: str, payload: Any, spec: TrainJobSpec, log: Any,
@@ -220,8 +238,15 @@ class _Streamed:
         self.bad_lines = 0
 
 
-def _resumed(spec: TrainJobSpec) -> TrainJobSpec:
-    return msgspec.structs.replace(spec, resume=True)
+async def _sleep_for(placement: Placement, residents: Callable[[Placement], list[Resident]] | None,
+                    asleep: Lease) -> None:
+    """Put the engines sharing ``placement``'s GPUs to sleep (each once per attempt)."""
+    if residents is None or not placement.gpus:
+        return  # on CPUs engines stay awake, as on one box: vLLM's CPU build frees nothing
+    for resident in residents(placement):
+        if resident not in asleep.slept:
+            asleep.slept.append(resident)  # listed first: a sleep cut short is woken as well
+            await resident.sleep(1)
 
 
 def _plain_name(name: str) -> str:
@@ -242,69 +267,166 @@ def _latest_checkpoint_pack(spec: TrainJobSpec) -> tuple[str, ArtifactPack] | No
 
 
 class TrainerActor:
-    """Actor side: one trainer child on this node, its events streamed to the daemon."""
+    r"""Actor side. One rank: the trainer child on this node. Data parallel (``num_workers`` >
+    1): a coordinator running Ray Train's TorchTrainer (:mod:`modelsmith.gpu.ray_train_workers`),
+    whose workers send their placement and rank 0's stream through :meth:`push`. Either way a
+    rank's trainer starts only once the daemon :meth:`release`\ s it (after putting the engines
+    that share its GPUs to sleep)."""
 
     def __init__(self) -> None:
         self._process: TrainerProcess | None = None
-        self._root: Path | None = None
+        self._send: Any = None
+        self._released: dict[int, anyio.Event] = {}
+        self._master: tuple[str, int] | None = None
+        self._master_known = anyio.Event()
+        self._stopping = False
 
-    async def start(self) -> dict[str, Any]:
-        placed = current_placement()
-        return {"node_id": placed.node_id, "node_ip": placed.node_ip, "gpus": placed.gpus}
+    def _release_event(self, rank: int) -> anyio.Event:
+        return self._released.setdefault(rank, anyio.Event())
+
+    async def release(self, rank: int) -> None:
+        """The daemon: rank ``rank`` may start its trainer."""
+        self._release_event(rank).set()
+
+    async def released(self, rank: int) -> bool:
+        """A worker: wait for :meth:`release`; False when the job was stopped meanwhile."""
+        await self._release_event(rank).wait()
+        return not self._stopping
+
+    async def push(self, item: tuple[str, Any]) -> None:
+        """A worker's item for the daemon's stream (dropped once the stream has ended)."""
+        if self._send is not None:
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await self._send.send(item)
+
+    async def set_master(self, address: tuple[str, int]) -> None:
+        """Rank 0: where the trainers' own torch.distributed group meets."""
+        self._master = address
+        self._master_known.set()
+
+    async def master(self) -> tuple[str, int]:
+        await self._master_known.wait()
+        assert self._master is not None
+        return self._master
+
+    async def stopping(self) -> bool:
+        return self._stopping
 
     async def train(self, spec_bytes: bytes, shared: bool,
-                    checkpoint: tuple[str, ArtifactPack] | None) -> AsyncIterator[tuple[str, Any]]:
+                    checkpoint: tuple[str, ArtifactPack] | None,
+                    worker_options: dict[str, Any] | None) -> AsyncIterator[tuple[str, Any]]:
         spec = decode_spec(spec_bytes)
-        self._root = Path(tempfile.mkdtemp(prefix=f"modelsmith-ray-{spec.job_id}-"))
-        python = _python_dying_with_parent(self._root)
-        if not shared:  # node-local paths; artifacts travel back through the object store
-            spec = msgspec.structs.replace(spec, work_dir=str(self._root / "work"),
-                                           output_dir=str(self._root / "adapter"))
-            if checkpoint is not None:
-                name, artifact = checkpoint
-                unpack(artifact, Path(spec.work_dir) / _CHECKPOINTS / _plain_name(name))
+        root = Path(tempfile.mkdtemp(prefix=f"modelsmith-ray-{spec.job_id}-"))
         send, receive = anyio.create_memory_object_stream[tuple[str, Any]](max_buffer_size=1024)
+        self._send = send
 
-        def on_event(event: Any) -> None:
-            line = msgspec.json.encode(event)
-            send.send_nowait(("event", line))
-            if isinstance(event, TrainerCheckpoint) and not shared:
-                path = Path(event.path)
-                send.send_nowait(("checkpoint", (path.name, pack(path))))
-
-        log_path = Path(spec.work_dir) / "ray-trainer.log"
-        process = TrainerProcess(spec=spec, on_event=on_event, log_path=log_path,
-                                 env=_child_env(), python=python)
-        self._process = process
-
-        async def run() -> None:
+        async def one_rank() -> None:
             async with send:
-                try:
-                    # Exit 0 here means the child's adapter verified against its manifest on
-                    # this node; the daemon verifies it again where it arrives.
-                    await process.run()
-                    if not shared and process.adapter_saved is not None:
-                        adapter = await anyio.to_thread.run_sync(pack, Path(spec.output_dir))
-                        await send.send(("adapter", adapter))
-                    await send.send(("exit", (0, list(process.stderr_tail))))
-                except ModelsmithError as exc:
-                    await send.send(("error", error_envelope(exc)))
+                await send.send(("placed", (0, _placement_dict())))
+                if not await self.released(0):
+                    return
+
+                def hold(process: TrainerProcess) -> None:
+                    self._process = process
+
+                with contextlib.suppress(ModelsmithError):  # sent as an "error" item
+                    await run_rank(spec, shared=shared, checkpoint=checkpoint, root=root,
+                                   push=send.send, rank=0, env=_child_env(), hold=hold)
+
+        async def data_parallel() -> None:
+            from modelsmith.gpu.ray_train_workers import fit
+
+            async with send:
+                import ray
+
+                handle = ray.get_runtime_context().current_actor
+                failure = await anyio.to_thread.run_sync(
+                    fit, spec, shared, checkpoint, worker_options or {}, handle, root,
+                    abandon_on_cancel=True)
+                if failure is not None:
+                    await send.send(("error", failure))
 
         try:
             async with anyio.create_task_group() as tg, receive:
-                tg.start_soon(run)
+                tg.start_soon(data_parallel if spec.num_workers > 1 else one_rank)
                 async for item in receive:
                     yield item
         finally:
-            if self._root is not None:
-                shutil.rmtree(self._root, ignore_errors=True)
+            self._send = None
+            shutil.rmtree(root, ignore_errors=True)
 
     async def stop(self) -> None:
-        """SIGTERM the trainer child (it checkpoints and saves), bounded."""
+        """SIGTERM the trainers (they checkpoint and save), bounded: this rank's child here;
+        data-parallel workers see :meth:`stopping` within a second and signal theirs."""
+        self._stopping = True
+        for event in self._released.values():
+            event.set()
         process = self._process
         if process is not None and process.pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, 15)
+
+
+def _placement_dict() -> dict[str, Any]:
+    placed = current_placement()
+    return {"node_id": placed.node_id, "node_ip": placed.node_ip, "gpus": placed.gpus}
+
+
+def rank_spec(spec: TrainJobSpec, *, shared: bool, root: Path, rank: int) -> TrainJobSpec:
+    """The spec one rank's trainer runs. On shared storage rank 0 reads and writes the job's own
+    paths; every other case works in ``root`` on this node. A rank > 0 on shared storage sees
+    the job's checkpoints through a link (the HF Trainer writes its ``rng_state_<rank>`` there
+    and every rank resumes from the same step)."""
+    if shared and rank == 0:
+        return spec
+    local = msgspec.structs.replace(spec, work_dir=str(root / "work"),
+                                    output_dir=str(root / "adapter"))
+    if shared:
+        checkpoints = Path(spec.work_dir) / _CHECKPOINTS
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        Path(local.work_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local.work_dir) / _CHECKPOINTS).symlink_to(checkpoints, target_is_directory=True)
+    return local
+
+
+async def run_rank(spec: TrainJobSpec, *, shared: bool, checkpoint: tuple[str, ArtifactPack] | None,
+                   root: Path, push: Callable[[tuple[str, Any]], Awaitable[None]], rank: int,
+                   env: dict[str, str], hold: Callable[[TrainerProcess], None] | None = None) -> None:
+    """One rank's trainer child on this node, to its end. Rank 0 pushes its events, each
+    checkpoint and the adapter (packed, off shared storage), then ``exit``; a rank whose
+    trainer fails pushes ``error`` and raises its ModelsmithError."""
+    spec = rank_spec(spec, shared=shared, root=root, rank=rank)
+    if checkpoint is not None and not shared:
+        name, artifact = checkpoint
+        await anyio.to_thread.run_sync(
+            unpack, artifact, Path(spec.work_dir) / _CHECKPOINTS / _plain_name(name))
+
+    async def on_event(event: Any) -> None:
+        if rank != 0:
+            return  # its own log has it; rank 0 speaks for the job
+        await push(("event", msgspec.json.encode(event)))
+        if isinstance(event, TrainerCheckpoint) and not shared:
+            path = Path(event.path)
+            await push(("checkpoint", (path.name, await anyio.to_thread.run_sync(pack, path))))
+
+    process = TrainerProcess(spec=spec, on_event=on_event,
+                             log_path=Path(spec.work_dir) / f"ray-trainer-rank{rank}.log",
+                             env=env, python=_python_dying_with_parent(root),
+                             saves_adapter=rank == 0)
+    if hold is not None:
+        hold(process)
+    try:
+        # Exit 0 here means the child's adapter verified against its manifest on this node;
+        # the daemon verifies it again where it arrives.
+        await process.run()
+    except ModelsmithError as exc:
+        await push(("error", error_envelope(exc)))
+        raise
+    if rank == 0:
+        if not shared and process.adapter_saved is not None:
+            adapter = await anyio.to_thread.run_sync(pack, Path(spec.output_dir))
+            await push(("adapter", adapter))
+        await push(("exit", (0, list(process.stderr_tail))))
 
 
 # The trainer child gets SIGTERM (it checkpoints and exits) when the actor's process dies: a

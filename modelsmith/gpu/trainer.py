@@ -228,15 +228,19 @@ def _make_callbacks(spec: TrainJobSpec, events: EventWriter, stop: StopState, mo
             self.last_log_step = state.global_step
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            if stop.non_finite_reward is not None:
-                stop.stop("non_finite", stop.non_finite_reward)
+            # Data-parallel ranks decide together, or one rank would wait for the others in
+            # the next step's collectives forever: a flag raised on any rank holds on all.
+            reward_bad, cancel = agreed(args.device, stop.non_finite_reward is not None,
+                                        stop.cancel_requested)
+            if reward_bad:
+                stop.stop("non_finite", stop.non_finite_reward or "non-finite reward on another rank")
             elif parameters_non_finite():
                 stop.stop("non_finite", f"non-finite adapter weights after step {state.global_step}")
             if stop.reason == "non_finite":
                 control.should_save = False
                 control.should_training_stop = True
-            elif stop.cancel_requested:
-                stop.stop("cancelled", "SIGTERM")
+            elif cancel:
+                stop.stop("cancelled", "SIGTERM" if stop.cancel_requested else "SIGTERM on another rank")
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -292,6 +296,19 @@ def _make_callbacks(spec: TrainJobSpec, events: EventWriter, stop: StopState, mo
             events.emit(TrainerCheckpoint(step=state.global_step, path=str(path)))
 
     return [ModelsmithCallback()]
+
+
+def agreed(device: Any, *flags: bool) -> tuple[bool, ...]:
+    """Each flag raised on any data-parallel rank (one all-reduce); the flags as they are when
+    this process trains alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flags
+    tensor = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in tensor.tolist())
 
 
 def _model_output_non_finite(model: Any, tokenizer: Any, prompt: str) -> bool:
@@ -448,6 +465,8 @@ def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[
             device=device,
             dtype="bfloat16" if bf16 else "float32",
             trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
+            world_size=trainer.accelerator.num_processes,
+            rank=trainer.accelerator.process_index,
         )
     )
     probe_prompt = dataset[0]["prompt"]
@@ -466,8 +485,8 @@ def _train(spec: TrainJobSpec, events: EventWriter, stop: StopState, held: dict[
     reason: StopReason = stop.reason or "completed"
     detail = stop.detail or f"reached max_steps={g.max_steps}"
     events.emit(TrainerStopped(reason=reason, step=step, detail=detail))
-    if reason == "non_finite":
-        return EXIT_OK
+    if reason == "non_finite" or not trainer.accelerator.is_main_process:
+        return EXIT_OK  # with several ranks, rank 0 alone records canaries and saves
 
     rollouts.close()  # the engine's memory is not needed for the canaries or the save
     canary_prompts = [(s.id, p) for s, p in zip(scenarios, prompts, strict=True)][: spec.canaries]

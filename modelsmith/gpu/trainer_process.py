@@ -38,6 +38,7 @@ from typing import IO, Protocol
 import anyio
 import anyio.to_thread
 import msgspec
+import structlog
 from anyio.abc import ByteReceiveStream, Process
 
 from modelsmith.atomic import atomic_write_bytes, atomic_write_text
@@ -54,8 +55,11 @@ from modelsmith.gpu.trainer_spec import (
 )
 from modelsmith.gpu.warm_trainer import WarmTrainer
 
+log = structlog.get_logger("modelsmith.trainer")
+
 __all__ = [
     "PID_FILE",
+    "RETRYABLE",
     "SPEC_FILE",
     "STDERR_FILE",
     "EndSeen",
@@ -63,6 +67,7 @@ __all__ = [
     "TrainerOutcome",
     "TrainerProcess",
     "note_event",
+    "retrying",
     "run_trainer",
 ]
 
@@ -152,6 +157,8 @@ class TrainerProcess:
     cancel_grace: float = 30.0
     warm: WarmTrainer | None = None
     warm_started: bool = False
+    # False for a data-parallel rank other than 0: it trains, and rank 0 saves the adapter.
+    saves_adapter: bool = True
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
     stopped: TrainerStopped | None = None
     adapter_saved: AdapterSaved | None = None
@@ -315,12 +322,17 @@ class TrainerProcess:
     async def _outcome(self, exit_code: int) -> TrainerOutcome:
         tail = tuple(self.stderr_tail)
         if exit_code != 0:
+            killed = exit_code < 0 and self.failed is None
             raise TrainerError(
                 f"trainer for job {self.spec.job_id} exited with code {exit_code}"
-                + (f": {self.failed.error}: {self.failed.detail}" if self.failed else ""),
+                + (f": {self.failed.error}: {self.failed.detail}" if self.failed else "")
+                + (f" (killed by {_signal_name(-exit_code)})" if killed else ""),
                 data={
                     "job_id": self.spec.job_id,
                     "exit_code": exit_code,
+                    # Killed from outside (the OOM killer, an operator): [training] retries
+                    # runs it again from its last checkpoint.
+                    **({"reason": "killed"} if killed else {}),
                     "error": self.failed.error if self.failed else None,
                     "stderr_tail": list(tail),
                 },
@@ -346,7 +358,7 @@ class TrainerProcess:
                     "the adapter on disk is not the one the trainer reported",
                     data={"job_id": self.spec.job_id, "file": str(adapter_path)},
                 )
-        elif self.stopped.reason != "non_finite":
+        elif self.stopped.reason != "non_finite" and self.saves_adapter:
             raise TrainerError(
                 f"trainer stopped ({self.stopped.reason}) without saving an adapter",
                 data={"job_id": self.spec.job_id, "stderr_tail": list(tail)},
@@ -361,12 +373,46 @@ class TrainerProcess:
         )
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 async def _receive(stream: ByteReceiveStream) -> bytes | None:
     """The next chunk, or None at the end of the stream (a closed stream counts as the end)."""
     try:
         return await stream.receive()
     except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
         return None
+
+
+RETRYABLE = frozenset({"worker_died", "killed"})
+"""TrainerError reasons ``[training] retries`` runs again: the trainer's process, Ray worker or
+node died under it. A trainer that failed by itself (bad spec, an exception, no adapter) fails."""
+
+
+async def retrying(spec: TrainJobSpec, retries: int,
+                   attempt: Callable[[TrainJobSpec], Awaitable[TrainerOutcome]], *,
+                   on_retry: Callable[[int, TrainerError], None] | None = None) -> TrainerOutcome:
+    """``attempt(spec)``, then up to ``retries`` more times with ``resume = true`` (from the
+    last checkpoint) while it dies of a :data:`RETRYABLE` cause; ``on_retry(n, error)`` hears
+    each new attempt. The error that ends it carries ``attempts``. Whatever the attempts, the
+    caller records the job's end once."""
+    for number in range(1, retries + 2):
+        try:
+            return await attempt(spec if number == 1 else msgspec.structs.replace(spec, resume=True))
+        except TrainerError as exc:
+            exc.data["attempts"] = number
+            if exc.data.get("reason") not in RETRYABLE or number > retries:
+                raise
+            log.warning("trainer died; running it again from its last checkpoint",
+                        job_id=spec.job_id, attempt=number + 1, attempts=retries + 1,
+                        reason=exc.data.get("reason"), error=str(exc))
+            if on_retry is not None:
+                on_retry(number + 1, exc)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def run_trainer(

@@ -185,6 +185,9 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chat_template_kwargs: dict[str, bool | int | float | str] = {}
     # The judges the reward asks, by the ``engine`` name of the rubrics' llm_judge criteria.
     judges: dict[str, JudgeEndpoint] = {}
+    # ``[training] num_workers``: data-parallel ranks (Ray Train's TorchTrainer when > 1); each
+    # rank's child learns its rank from the torch.distributed environment, not from here.
+    num_workers: int = 1
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, why) for each value that cannot run; empty when the spec is usable."""
@@ -203,6 +206,7 @@ class TrainJobSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             "convergence.plateau_window": self.convergence.plateau_window,
             "convergence.plateau_patience": self.convergence.plateau_patience,
         }
+        positive["num_workers"] = self.num_workers
         found.extend((name, "must be > 0") for name, value in positive.items() if value <= 0)
         if g.num_generations < 2:
             found.append(("grpo.num_generations", "a group needs at least 2 completions"))
@@ -261,6 +265,8 @@ class TrainerStarted(msgspec.Struct, frozen=True, tag="started", tag_field="even
     device: str
     dtype: str
     trainable_params: int
+    world_size: int = 1  # data-parallel ranks ([training] num_workers); this child's rank:
+    rank: int = 0
 
 
 class TrainerMetric(msgspec.Struct, frozen=True, tag="metric", tag_field="event"):

@@ -139,6 +139,16 @@ class TrainingSection(_Section):
     rollout_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1, description="vllm "
                                                   "rollouts: the device share of the trainer's "
                                                   "own engine while it is awake.")
+    num_workers: int = Field(default=1, ge=1, le=256, description="Data-parallel trainer "
+                             "workers per job. More than 1 needs the Ray backend (`[ray] "
+                             "address` in modelsmith.toml): the job runs as Ray Train's "
+                             "TorchTrainer, one worker per `[ray.trainer]` share (GPUs, CPUs), "
+                             "on one node or several. See docs/scale.md.")
+    retries: int = Field(default=0, ge=0, le=10, description="When the trainer's process, "
+                         "Ray worker or node dies mid-job (killed by a signal, out of memory, "
+                         "a lost node), run the job again from its last checkpoint up to this "
+                         "many times; the ledger still records the job's end once. 0: the job "
+                         "fails with a TrainerError.")
     device: Literal["auto", "shared"] | Annotated[int, Field(ge=0)] = Field(
         default="auto", description="Where the trainer runs. \"auto\": a GPU that no engine "
         "lives on if the box has one (the least busy), else a shared one, whose engines sleep "

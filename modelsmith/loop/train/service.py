@@ -23,10 +23,11 @@ import structlog
 
 from modelsmith.atomic import atomic_write_bytes
 from modelsmith.clock import utc_stamp
-from modelsmith.errors import ConflictError, ModelsmithError, NotFound, TrainerError
+from modelsmith.errors import ConflictError, ModelsmithError, NotFound, TrainerError, Unavailable
 from modelsmith.gpu.engines import EnginePool
 from modelsmith.gpu.leases import LeaseManager
-from modelsmith.gpu.trainer_process import run_trainer
+from modelsmith.gpu.ray_backend import describe_placements
+from modelsmith.gpu.trainer_process import TrainerOutcome, retrying, run_trainer
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
     ConvergenceSpec,
@@ -125,6 +126,7 @@ class TrainService:
                                 gpu_memory_utilization=t.rollout_gpu_memory_utilization),
             resume=resume,
             chat_template_kwargs=dict(runtime.cluster.config.model.chat_template_kwargs),
+            num_workers=t.num_workers,
         )
 
     def prepare(self, params: TrainStartParams, job_id: str, *, resume: bool = False
@@ -181,6 +183,12 @@ class TrainService:
         # The reward asks the eval's judges, or nothing trains (JudgeUnreachable names why).
         spec = msgspec.structs.replace(
             spec, judges=reward_judges(chosen, runtime.cluster, self.evals.named))
+        if spec.num_workers > 1 and self.ray_trainer is None:
+            raise Unavailable(
+                f"training.num_workers = {spec.num_workers} needs the Ray backend ([ray] address "
+                "in modelsmith.toml: the job then runs as Ray Train's TorchTrainer); this daemon "
+                "trains on one device", data={"field": "training.num_workers",
+                                              "file": str(runtime.cluster.root / "cluster.toml")})
         problems = spec.problems()
         if problems:
             from modelsmith.errors import ValidationError
@@ -241,15 +249,27 @@ class TrainService:
         # so a queued trainer cannot put the engine back to sleep before the hot load.
         async with contextlib.AsyncExitStack() as device_held:
             try:
+                retries = runtime.cluster.config.training.retries
+
+                def on_retry(attempt: int, exc: TrainerError) -> None:
+                    job.emit("log", {"event": "retrying", "attempt": attempt, "of": retries + 1,
+                                     "reason": exc.data.get("reason"), "error": str(exc)})
+                    job.message = (f"trainer died ({exc.data.get('reason')}); attempt {attempt} "
+                                   f"of {retries + 1} from the last checkpoint")
                 if self.ray_trainer is not None:
                     # [ray]: Ray's scheduler places the trainer, no local lease (docs/scale.md).
                     job.message = "submitted to the Ray cluster"
 
-                    def on_placed(placement: Any) -> None:
-                        job.message = f"training on {placement.describe()}"
+                    def on_placed(placements: Any) -> None:
+                        job.message = f"training on {describe_placements(placements)}"
 
-                    outcome = await self.ray_trainer(spec, on_event=on_event, log_path=log_path,
-                                                     on_position=on_position, on_placed=on_placed)
+                    async def attempt(run: TrainJobSpec) -> TrainerOutcome:
+                        result: TrainerOutcome = await self.ray_trainer(
+                            run, on_event=on_event, log_path=log_path, on_position=on_position,
+                            on_placed=on_placed, residents=self.engines.co_located)
+                        return result
+
+                    outcome = await retrying(spec, retries, attempt, on_retry=on_retry)
                 else:
                     job.message = "waiting for a device lease"
                     lease = await device_held.enter_async_context(self.leases.lease(
@@ -261,9 +281,13 @@ class TrainService:
                     # The trainer sees only its leased GPU (else the HF Trainer takes every one).
                     env = ({**os.environ, "CUDA_VISIBLE_DEVICES": str(device.index)}
                            if device.kind == "cuda" else None)
+
+                    async def attempt(run: TrainJobSpec) -> TrainerOutcome:
+                        return await run_trainer(run, on_event=on_event, log_path=log_path,
+                                                 env=env, warm=self.warm_trainer)
+
                     try:
-                        outcome = await run_trainer(spec, on_event=on_event, log_path=log_path, env=env,
-                                                   warm=self.warm_trainer)
+                        outcome = await retrying(spec, retries, attempt, on_retry=on_retry)
                     finally:
                         await lease.wake_residents()  # shielded and bounded
                 trained_at = time.monotonic()
