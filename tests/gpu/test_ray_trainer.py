@@ -1,9 +1,13 @@
 """Training jobs as Ray actors on a two-node Ray cluster on the CPU (ray.cluster_utils.Cluster).
 
-The head node is "the daemon's box"; the second carries ``trainer_node``, which the trainer
-asks for, so the GRPO job (the real trainer child on the tiny model) runs on the other node's
-resources. Artifacts take the object-store route (no shared storage) and are verified on
-arrival. One cluster per module.
+The head node is "the daemon's box"; the second carries ``trainer_node`` and one (declared)
+GPU, which the trainer asks for, so the GRPO job (the real trainer child on the tiny model) runs
+on the other node's resources. Artifacts take the object-store route (no shared storage) and
+are verified on arrival. A data-parallel job (``num_workers = 2``) runs as Ray Train's
+TorchTrainer with one rank on each node. One cluster per module.
+
+The second node's GPU is declared to Ray, not real (a hardware boundary): Ray schedules and
+hands out its id as it would on a GPU box, so the per-node sleep rule is exercised as placed.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 pytest.importorskip("ray")
@@ -28,6 +34,7 @@ from modelsmith.gpu.adapters import verify_adapter
 from modelsmith.gpu.ray_backend import Placement, Unplaceable, cluster_nodes
 from modelsmith.gpu.ray_config import RaySection
 from modelsmith.gpu.ray_trainer import RayTrainerRunner
+from modelsmith.gpu.trainer_process import retrying
 from modelsmith.gpu.trainer_spec import (
     GrpoSpec,
     TrainerCheckpoint,
@@ -50,7 +57,7 @@ def ray_cluster() -> Iterator[Cluster]:
     """Two Ray nodes on this machine, one logical CPU each; torn down with the module."""
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"daemon_box": 1}, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, resources={"trainer_node": 1})
+    cluster.add_node(num_cpus=1, num_gpus=1, resources={"trainer_node": 1})
     ray.init(address=cluster.address, namespace="modelsmith-test", log_to_driver=False)
     try:
         yield cluster
@@ -79,12 +86,13 @@ async def test_a_grpo_job_runs_on_the_other_nodes_resources_and_its_adapter_arri
     runner = runner_for(ray_cluster)
     spec = short_job(yes_no_model, tmp_path, "job-ray-1")
     events: list[TrainerEvent] = []
-    placed: list[Placement] = []
+    placed: list[list[Placement]] = []
     with anyio.fail_after(RUN_TIMEOUT):
         outcome = await runner(spec, on_event=events.append, log_path=tmp_path / "train.log",
                                on_placed=placed.append)
     trainer_node = next(n for n in cluster_nodes() if "trainer_node" in n["resources"])
-    assert [p.node_id for p in placed] == [trainer_node["node_id"]]
+    assert [[p.node_id for p in ranks] for ranks in placed] == [[trainer_node["node_id"]]]
+    assert placed[0][0].gpus == ()  # it asked for no GPU: none is named
     assert outcome.stopped is not None and outcome.stopped.reason == "completed"
     # The adapter arrived in the daemon's adapters/ and verifies against its manifest there.
     assert outcome.adapter_path == Path(spec.output_dir)
@@ -129,14 +137,15 @@ def reap(children: list[int]) -> None:
 async def test_a_killed_trainer_worker_fails_the_job_with_a_typed_error(
     ray_cluster: Cluster, yes_no_model: Path, tmp_path: Path,
 ) -> None:
-    runner = runner_for(ray_cluster, retries=0)
+    runner = runner_for(ray_cluster)
     spec = short_job(yes_no_model, tmp_path, "job-ray-2")
     children: list[int] = []
     on_event = await kill_worker_on(runner, spec.job_id, children=children,
                                     when=lambda e: isinstance(e, TrainerMetric))
     try:
         with anyio.fail_after(RUN_TIMEOUT), pytest.raises(TrainerError) as caught:
-            await runner(spec, on_event=on_event, log_path=tmp_path / "train.log")
+            await retrying(spec, 0, lambda run: runner(run, on_event=on_event,
+                                                       log_path=tmp_path / "train.log"))
         # The trainer child does not outlive its worker (parent-death signal): no GPU is held.
         (child,) = children
         with anyio.fail_after(60):
@@ -158,7 +167,7 @@ def trainer_node_id() -> str:
 async def test_with_retries_a_killed_worker_resumes_from_the_last_checkpoint_that_arrived(
     ray_cluster: Cluster, yes_no_model: Path, tmp_path: Path,
 ) -> None:
-    runner = runner_for(ray_cluster, retries=1)
+    runner = runner_for(ray_cluster)
     spec = short_job(yes_no_model, tmp_path, "job-ray-3")
     events: list[TrainerEvent] = []
     children: list[int] = []
@@ -176,11 +185,15 @@ async def test_with_retries_a_killed_worker_resumes_from_the_last_checkpoint_tha
         events.append(event)
         await killer(event)
 
+    retried: list[int] = []
     try:
         with anyio.fail_after(RUN_TIMEOUT * 2):
-            outcome = await runner(spec, on_event=on_event, log_path=tmp_path / "train.log")
+            outcome = await retrying(
+                spec, 1, lambda run: runner(run, on_event=on_event, log_path=tmp_path / "train.log"),
+                on_retry=lambda attempt, exc: retried.append(attempt))
     finally:
         reap(children)
+    assert retried == [2]
     starts = [e for e in events if isinstance(e, TrainerStarted)]
     assert len(starts) == 2 and starts[0].resumed_from_step == 0
     assert starts[1].resumed_from_step >= 1  # the second attempt began at a shipped checkpoint
@@ -199,3 +212,80 @@ async def test_a_job_asking_for_a_resource_the_cluster_lacks_is_refused(
     assert caught.value.data["resource"] == "GPU" and caught.value.data["requested"] == 2
     assert runner.queue.waiting() == []  # never queued
     assert not (tmp_path / "train.log").exists()
+
+
+async def test_a_job_asking_for_more_workers_than_the_cluster_can_place_is_refused(
+    ray_cluster: Cluster, yes_no_model: Path, tmp_path: Path,
+) -> None:
+    runner = runner_for(ray_cluster, resources={})  # one CPU per worker: two nodes hold two
+    spec = msgspec.structs.replace(short_job(yes_no_model, tmp_path, "job-ray-5"), num_workers=3)
+    with anyio.fail_after(60), pytest.raises(Unplaceable) as caught:
+        await runner(spec, on_event=lambda e: None, log_path=tmp_path / "train.log")
+    assert caught.value.data["resource"] == "workers" and caught.value.data["requested"] == 3
+    assert "3 workers" in str(caught.value)
+    assert runner.queue.waiting() == [] and runner.actors == {}
+
+
+async def test_a_data_parallel_job_runs_one_rank_on_each_node_as_ray_trains_torchtrainer(
+    ray_cluster: Cluster, yes_no_model: Path, tmp_path: Path,
+) -> None:
+    runner = runner_for(ray_cluster, resources={})
+    spec = msgspec.structs.replace(short_job(yes_no_model, tmp_path, "job-ray-dp"), num_workers=2)
+    events: list[TrainerEvent] = []
+    placed: list[list[Placement]] = []
+    with anyio.fail_after(RUN_TIMEOUT * 2):
+        outcome = await runner(spec, on_event=events.append, log_path=tmp_path / "train.log",
+                               on_placed=placed.append)
+    # Both ranks were placed, each on its own node (one CPU each), and shown by rank.
+    assert sorted(p.node_id for p in placed[-1]) == sorted(n["node_id"] for n in cluster_nodes())
+    (started,) = [e for e in events if isinstance(e, TrainerStarted)]  # rank 0 speaks for the job
+    assert (started.world_size, started.rank) == (2, 0)
+    assert outcome.stopped is not None and outcome.stopped.reason == "completed"
+    assert outcome.adapter is not None
+    assert verify_adapter(Path(spec.output_dir)).adapter_sha256 == outcome.adapter.adapter_sha256
+    assert [e.step for e in events if isinstance(e, TrainerMetric)][-1] == spec.grpo.max_steps
+    assert runner.actors == {} and runner.placements == {}
+
+
+@dataclass
+class WatchedEngine:
+    """A Resident as the daemon's engine gate looks to a lease: what the runner asked, when."""
+
+    name: str
+    events: list[TrainerEvent]
+    log: list[tuple[str, int]] = field(default_factory=list)
+
+    async def sleep(self, level: int = 1) -> None:
+        self.log.append(("sleep", len(self.events)))
+
+    async def wake_up(self) -> None:
+        self.log.append(("wake", len(self.events)))
+
+
+async def test_engines_sharing_the_trainers_gpu_on_its_node_sleep_while_it_trains(
+    ray_cluster: Cluster, yes_no_model: Path, tmp_path: Path,
+) -> None:
+    runner = runner_for(ray_cluster, num_gpus=0.5)
+    spec = short_job(yes_no_model, tmp_path, "job-ray-6")
+    events: list[TrainerEvent] = []
+    trainer_node = trainer_node_id()
+    # An engine on the same node and GPU id, and one on the head node's (nonexistent) GPU 0.
+    here = WatchedEngine("here", events)
+    elsewhere = WatchedEngine("elsewhere", events)
+    asked: list[Placement] = []
+
+    def residents(placement: Placement) -> list[Any]:
+        asked.append(placement)
+        engines = {"here": Placement(placement.node_id, placement.node_ip, ("0",)),
+                   "elsewhere": Placement("head" + placement.node_id, placement.node_ip, ("0",))}
+        return [e for e in (here, elsewhere) if placement.shares_gpus_with(engines[e.name])]
+
+    with anyio.fail_after(RUN_TIMEOUT):
+        outcome = await runner(spec, on_event=events.append, log_path=tmp_path / "train.log",
+                               residents=residents)
+    assert outcome.stopped is not None and outcome.stopped.reason == "completed"
+    (placement,) = asked
+    assert placement.node_id.startswith(trainer_node) and placement.gpus == ("0",)
+    # Asleep before the trainer's first event, awake only after its last.
+    assert here.log == [("sleep", 0), ("wake", len(events))]
+    assert elsewhere.log == []
