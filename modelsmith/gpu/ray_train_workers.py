@@ -9,7 +9,7 @@ the ``[ray.trainer]`` share (a placement group: one node or several, Ray decides
    daemon puts the engines sharing those GPUs to sleep, then releases the rank;
 2. learns where the trainers' own ``torch.distributed`` group meets: rank 0 offers a free port
    on its node through the coordinator;
-3. runs the same trainer child as one box does (:func:`~modelsmith.gpu.ray_trainer.run_rank`)
+3. runs the same trainer child as one box does (:func:`~modelsmith.gpu.ray_rank.run_rank`)
    with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, so
    transformers' Trainer (through accelerate) trains with DistributedDataParallel: gloo on CPUs,
    NCCL on GPUs. Ray Train's own process group (set up by its TorchConfig) is not used by the
@@ -110,18 +110,18 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from modelsmith.gpu.ray_trainer import _child_env, _placement_dict
+    from modelsmith.gpu.ray_rank import child_env, placement_dict
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
     coordinator = config["coordinator"]
-    ray.get(coordinator.push.remote(("placed", (rank, _placement_dict()))))
+    ray.get(coordinator.push.remote(("placed", (rank, placement_dict()))))
     if not ray.get(coordinator.released.remote(rank)):
         return  # the job was stopped before this rank started
     if rank == 0:
-        ray.get(coordinator.set_master.remote((_placement_dict()["node_ip"], _free_port())))
+        ray.get(coordinator.set_master.remote((placement_dict()["node_ip"], _free_port())))
     address, port = ray.get(coordinator.master.remote())
-    env = {**_child_env(), "MASTER_ADDR": str(address), "MASTER_PORT": str(port),
+    env = {**child_env(), "MASTER_ADDR": str(address), "MASTER_PORT": str(port),
            "RANK": str(rank), "WORLD_SIZE": str(context.get_world_size()),
            "LOCAL_RANK": str(context.get_local_rank()),
            "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
@@ -137,7 +137,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 
 async def _rank_main(config: dict[str, Any], rank: int, env: dict[str, str], root: Path) -> None:
-    from modelsmith.gpu.ray_trainer import run_rank
+    from modelsmith.gpu.ray_rank import run_rank
 
     coordinator = config["coordinator"]
     held: list[TrainerProcess] = []

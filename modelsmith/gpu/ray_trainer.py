@@ -27,15 +27,14 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import msgspec
 
-from modelsmith.errors import ModelsmithError, TrainerError, ValidationError, error_envelope
+from modelsmith.errors import ModelsmithError, TrainerError, ValidationError
 from modelsmith.gpu.adapters import verify_adapter
 from modelsmith.gpu.leases import Device, Lease, Resident
 from modelsmith.gpu.ray_artifacts import ArtifactPack, pack, unpack
@@ -44,12 +43,18 @@ from modelsmith.gpu.ray_backend import (
     Placement,
     RayRequest,
     connect,
-    current_placement,
     describe_placements,
     ensure_placeable,
     gib,
 )
 from modelsmith.gpu.ray_config import RaySection
+from modelsmith.gpu.ray_rank import (
+    CHECKPOINTS,
+    child_env,
+    placement_dict,
+    plain_name,
+    run_rank,
+)
 from modelsmith.gpu.trainer_process import (
     TrainerEventHandler,
     TrainerOutcome,
@@ -58,7 +63,6 @@ from modelsmith.gpu.trainer_process import (
 )
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
-    TrainerCheckpoint,
     TrainerFailed,
     TrainerStopped,
     TrainJobSpec,
@@ -66,10 +70,9 @@ from modelsmith.gpu.trainer_spec import (
     encode_spec,
 )
 
-__all__ = ["RayTrainerRunner", "TrainerActor", "rank_spec", "run_rank"]
+__all__ = ["RayTrainerRunner", "TrainerActor"]
 
 _STOP_S = 60.0
-_CHECKPOINTS = "checkpoints"
 
 
 class RayTrainerRunner:
@@ -188,7 +191,7 @@ class RayTrainerRunner:
                 await result
         elif kind == "checkpoint":
             name, artifact = payload
-            target = Path(spec.work_dir) / _CHECKPOINTS / _plain_name(name)
+            target = Path(spec.work_dir) / CHECKPOINTS / plain_name(name)
             if not await anyio.Path(target).exists():
                 await anyio.to_thread.run_sync(unpack, artifact, target)
         elif kind == "adapter":
@@ -249,15 +252,9 @@ async def _sleep_for(placement: Placement, residents: Callable[[Placement], list
             await resident.sleep(1)
 
 
-def _plain_name(name: str) -> str:
-    if not name or "/" in name or name in (".", ".."):
-        raise ValidationError(f"bad checkpoint name {name!r}", data={"field": "checkpoint"})
-    return name
-
-
 def _latest_checkpoint_pack(spec: TrainJobSpec) -> tuple[str, ArtifactPack] | None:
     """The newest checkpoint that reached the daemon (``checkpoint-<step>``), packed."""
-    root = Path(spec.work_dir) / _CHECKPOINTS
+    root = Path(spec.work_dir) / CHECKPOINTS
     found = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in root.glob("checkpoint-*")
                    if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()) if root.is_dir() else []
     if not found:
@@ -322,7 +319,7 @@ class TrainerActor:
 
         async def one_rank() -> None:
             async with send:
-                await send.send(("placed", (0, _placement_dict())))
+                await send.send(("placed", (0, placement_dict())))
                 if not await self.released(0):
                     return
 
@@ -331,7 +328,7 @@ class TrainerActor:
 
                 with contextlib.suppress(ModelsmithError):  # sent as an "error" item
                     await run_rank(spec, shared=shared, checkpoint=checkpoint, root=root,
-                                   push=send.send, rank=0, env=_child_env(), hold=hold)
+                                   push=send.send, rank=0, env=child_env(), hold=hold)
 
         async def data_parallel() -> None:
             from modelsmith.gpu.ray_train_workers import fit
@@ -365,95 +362,3 @@ class TrainerActor:
         if process is not None and process.pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, 15)
-
-
-def _placement_dict() -> dict[str, Any]:
-    placed = current_placement()
-    return {"node_id": placed.node_id, "node_ip": placed.node_ip, "gpus": placed.gpus}
-
-
-def rank_spec(spec: TrainJobSpec, *, shared: bool, root: Path, rank: int) -> TrainJobSpec:
-    """The spec one rank's trainer runs. On shared storage rank 0 reads and writes the job's own
-    paths; every other case works in ``root`` on this node. A rank > 0 on shared storage sees
-    the job's checkpoints through a link (the HF Trainer writes its ``rng_state_<rank>`` there
-    and every rank resumes from the same step)."""
-    if shared and rank == 0:
-        return spec
-    local = msgspec.structs.replace(spec, work_dir=str(root / "work"),
-                                    output_dir=str(root / "adapter"))
-    if shared:
-        checkpoints = Path(spec.work_dir) / _CHECKPOINTS
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        Path(local.work_dir).mkdir(parents=True, exist_ok=True)
-        (Path(local.work_dir) / _CHECKPOINTS).symlink_to(checkpoints, target_is_directory=True)
-    return local
-
-
-async def run_rank(spec: TrainJobSpec, *, shared: bool, checkpoint: tuple[str, ArtifactPack] | None,
-                   root: Path, push: Callable[[tuple[str, Any]], Awaitable[None]], rank: int,
-                   env: dict[str, str], hold: Callable[[TrainerProcess], None] | None = None) -> None:
-    """One rank's trainer child on this node, to its end. Rank 0 pushes its events, each
-    checkpoint and the adapter (packed, off shared storage), then ``exit``; a rank whose
-    trainer fails pushes ``error`` and raises its ModelsmithError."""
-    spec = rank_spec(spec, shared=shared, root=root, rank=rank)
-    if checkpoint is not None and not shared:
-        name, artifact = checkpoint
-        await anyio.to_thread.run_sync(
-            unpack, artifact, Path(spec.work_dir) / _CHECKPOINTS / _plain_name(name))
-
-    async def on_event(event: Any) -> None:
-        if rank != 0:
-            return  # its own log has it; rank 0 speaks for the job
-        await push(("event", msgspec.json.encode(event)))
-        if isinstance(event, TrainerCheckpoint) and not shared:
-            path = Path(event.path)
-            await push(("checkpoint", (path.name, await anyio.to_thread.run_sync(pack, path))))
-
-    process = TrainerProcess(spec=spec, on_event=on_event,
-                             log_path=Path(spec.work_dir) / f"ray-trainer-rank{rank}.log",
-                             env=env, python=_python_dying_with_parent(root),
-                             saves_adapter=rank == 0)
-    if hold is not None:
-        hold(process)
-    try:
-        # Exit 0 here means the child's adapter verified against its manifest on this node;
-        # the daemon verifies it again where it arrives.
-        await process.run()
-    except ModelsmithError as exc:
-        await push(("error", error_envelope(exc)))
-        raise
-    if rank == 0:
-        if not shared and process.adapter_saved is not None:
-            adapter = await anyio.to_thread.run_sync(pack, Path(spec.output_dir))
-            await push(("adapter", adapter))
-        await push(("exit", (0, list(process.stderr_tail))))
-
-
-# The trainer child gets SIGTERM (it checkpoints and exits) when the actor's process dies: a
-# SIGKILLed Ray worker would otherwise leave it training, and holding its GPU, on the node.
-# PR_SET_PDEATHSIG (1) survives the exec into the real interpreter.
-_PDEATHSIG = ("import ctypes, os, signal, sys\n"
-              "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
-              "if os.getppid() != int(os.environ['MODELSMITH_PARENT_PID']): sys.exit(1)\n"
-              "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
-
-
-def _python_dying_with_parent(directory: Path) -> str:
-    """An executable that runs ``python ARGS`` with the parent-death signal set (Linux)."""
-    import shlex
-    import sys
-
-    script = directory / "python-dying-with-parent"
-    script.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(_PDEATHSIG)}"
-                      ' "$@"\n')
-    script.chmod(0o755)
-    return str(script)
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["MODELSMITH_PARENT_PID"] = str(os.getpid())
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env
-

@@ -1,6 +1,7 @@
 """train.start and judges, through a real daemon: an HTTP judge goes into the trainer's spec (by
 the name of its key's variable, never the key); a judge the trainer cannot reach refuses the
-job with a typed error naming the scenario, criterion and engine."""
+job with a typed error naming the scenario, criterion and engine; so is a data-parallel job
+(``[training] num_workers`` > 1) on a daemon without Ray."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from support.daemon_process import start_daemon, wait_job
-from support.model_server import serve_model, write_served_cluster
+from support.model_server import CLUSTER_TOML, serve_model, write_served_cluster
 
-from modelsmith.errors import ValidationError
+from modelsmith.errors import Unavailable, ValidationError
 
 JUDGED = """\
 scenarios:
@@ -26,7 +27,6 @@ scenarios:
 """
 
 SECRET = "sk-do-not-write-me"
-
 
 
 def test_an_http_judge_is_in_the_spec_and_an_unreachable_one_refuses_training(
@@ -62,4 +62,36 @@ def test_an_http_judge_is_in_the_spec_and_an_unreachable_one_refuses_training(
             assert (data["scenario"], data["criterion"], data["engine"]) == ("c1", "llm_judge", "grader")
             assert data["field"] == "rubric.criteria[1].engine"
             assert not list((home / "shop" / "train").glob("*/spec.json"))[1:]  # nothing new
+            assert daemon.call("daemon.ping")["version"]
+
+
+PLAIN = """\
+scenarios:
+  - id: {id}
+    set: {set}
+    domain: adtech
+    prompt: what is CPM for {id}
+    rubric:
+      criteria:
+        - {{type: contains, value: "cost per mille"}}
+"""
+
+
+def test_data_parallel_training_without_ray_is_refused_naming_the_field_and_file(
+    short_tmp: Path,
+) -> None:
+    with serve_model(lambda p, i: "no idea") as server:
+        toml = CLUSTER_TOML + "\n[training]\nnum_workers = 2\nretries = 1\n"
+        home = write_served_cluster(short_tmp / "home", "shop", server.url, cluster_toml=toml,
+                                    core=PLAIN.format(id="c1", set="core"),
+                                    held_out=PLAIN.format(id="h1", set="held-out"))
+        with start_daemon(home, no_engines=False) as daemon:
+            started = daemon.call("eval.run", {"cluster": "shop", "tag": "base"})
+            assert wait_job(daemon, started["jobId"])["state"] == "succeeded"
+            with pytest.raises(Unavailable) as caught:
+                daemon.call("train.start", {"cluster": "shop", "eval_tag": "base"})
+            assert caught.value.data["field"] == "training.num_workers"
+            assert caught.value.data["file"] == str(home / "shop" / "cluster.toml")
+            assert "Ray" in caught.value.message
+            assert not list((home / "shop" / "train").glob("*/spec.json"))  # no job was made
             assert daemon.call("daemon.ping")["version"]

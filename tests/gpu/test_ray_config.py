@@ -54,11 +54,10 @@ resources = { gpu_box = 1 }
 [ray.trainer]
 num_gpus = 2
 memory_gb = 64
-retries = 2
 """)).ray
     assert config.enabled and config.address == "ray://head.internal:10001"
     assert config.runtime_env.as_ray() == {"env_vars": {"HF_HOME": "/shared/hf"}}
-    assert config.engine.pipeline_parallel_size == 2 and config.trainer.retries == 2
+    assert config.engine.pipeline_parallel_size == 2 and config.trainer.memory_gb == 64
     for address in ("auto", "10.0.0.5:6379"):
         home = write_config(tmp_path, f'[ray]\naddress = "{address}"\n')
         assert load_daemon_config(None, home).ray.address == address
@@ -72,12 +71,15 @@ retries = 2
     ('[ray.trainer]\nnum_gpus = -1\n', "ray.trainer.num_gpus"),
     ('[ray.runtime_env]\nenv_vars = { "1BAD" = "x" }\n', "ray.runtime_env.env_vars"),
     ('[ray.runtime_env]\nconda = "env"\n', "ray.runtime_env.conda"),
+    ('[ray.trainer]\nretries = 2\n', "ray.trainer"),  # moved to [training] retries
 ])
 def test_a_bad_ray_field_is_named_with_its_file(tmp_path: Path, text: str, field: str) -> None:
     with pytest.raises(ValidationError) as caught:
         load_daemon_config(None, write_config(tmp_path, text))
     assert caught.value.data["field"] == field
     assert caught.value.data["file"] == str(tmp_path / "modelsmith.toml")
+    if field == "ray.trainer":
+        assert "[training] retries" in caught.value.message
 
 
 def test_placement_is_refused_naming_the_missing_resource() -> None:
@@ -149,3 +151,30 @@ def test_waiting_jobs_see_their_position_move_up_as_others_are_placed() -> None:
     queue.placed("b")
     assert heard == {"a": [1, None], "b": [2, 1, 1, None], "c": [3, 2, None]}
     assert queue.waiting() == [] and queue.position("a") is None
+
+
+@pytest.mark.parametrize(("training", "field"), [
+    ("num_workers = 0", "training.num_workers"),
+    ("num_workers = 257", "training.num_workers"),
+    ("retries = -1", "training.retries"),
+    ("retries = 11", "training.retries"),
+])
+def test_training_workers_and_retries_are_bounded_in_cluster_toml(
+        tmp_path: Path, training: str, field: str) -> None:
+    from modelsmith.loop.cluster.config import load_cluster
+
+    root = tmp_path / "shop"
+    root.mkdir()
+    (root / "cluster.toml").write_text(f'domain = "adtech"\n[model]\nbase = "m"\n'
+                                       f"[training]\n{training}\n")
+    with pytest.raises(ValidationError) as caught:
+        load_cluster(root)
+    assert caught.value.data["field"] == field
+    assert caught.value.data["file"] == str(root / "cluster.toml")
+    (root / "cluster.toml").write_text('domain = "adtech"\n[model]\nbase = "m"\n'
+                                       "[training]\nnum_workers = 4\nretries = 2\n")
+    training_section = load_cluster(root).config.training
+    assert (training_section.num_workers, training_section.retries) == (4, 2)
+    (root / "cluster.toml").write_text('domain = "adtech"\n[model]\nbase = "m"\n')
+    training_section = load_cluster(root).config.training
+    assert (training_section.num_workers, training_section.retries) == (1, 0)

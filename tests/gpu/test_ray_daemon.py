@@ -2,8 +2,9 @@
 
 The daemon (its ledger, socket, supervisors) stays on "its box", the head node; its engine
 actor and its trainer ask for ``gpu_node``, which only the second node has. An eval runs on the
-engine actor; a GRPO job's Ray worker is SIGKILLed mid-job (``retries = 0``): the job fails with
-a TrainerError, the ledger records that end once and verifies, and no adapter is left.
+engine actor; a GRPO job's Ray worker is SIGKILLed mid-job (``[training] retries`` is 0 by
+default): the job fails with a TrainerError, the ledger records that end once and verifies, and
+no adapter is left.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def ray_daemon(tmp_path_factory: pytest.TempPathFactory,
     write_session_home(home, cluster_model_dir, {CLUSTER: {"max_steps": 400}})
     config = (f'[ray]\naddress = "{cluster.address}"\nnamespace = "modelsmith-test"\n'
               '[ray.engine]\nnum_cpus = 1\nnum_gpus = 0\nresources = { gpu_node = 0.5 }\n'
-              '[ray.trainer]\nnum_cpus = 1\nnum_gpus = 0\nresources = { gpu_node = 0.5 }\n'
-              'retries = 0\n')
+              '[ray.trainer]\nnum_cpus = 1\nnum_gpus = 0\nresources = { gpu_node = 0.5 }\n')
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
     try:
         with start_daemon(home, no_engines=False, config_toml=config, env=env,

@@ -19,7 +19,13 @@ import pytest
 from modelsmith.errors import TrainerError
 from modelsmith.examples.tinymodel import warm_start
 from modelsmith.gpu.adapters import verify_adapter
-from modelsmith.gpu.trainer_process import PID_FILE, SPEC_FILE, TrainerProcess, run_trainer
+from modelsmith.gpu.trainer_process import (
+    PID_FILE,
+    SPEC_FILE,
+    TrainerProcess,
+    retrying,
+    run_trainer,
+)
 from modelsmith.gpu.trainer_spec import (
     AdapterSaved,
     ConvergenceSpec,
@@ -149,6 +155,50 @@ async def test_sigterm_to_the_child_ends_the_run_as_cancelled_with_an_adapter(
     assert outcome.stopped is not None and outcome.stopped.reason == "cancelled"
     assert outcome.adapter is not None and outcome.adapter_path == Path(spec.output_dir)
     assert decode_spec((tmp_path / "work" / SPEC_FILE).read_bytes()) == spec
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_sigkilled_trainer_fails_as_killed_or_with_retries_resumes_from_its_checkpoint(
+    yes_no_model: Path, tmp_path: Path, retries: int
+) -> None:
+    """``[training] retries`` on one box: the child dies of SIGKILL (the OOM killer's signal)
+    after its first checkpoint; 0 retries: a TrainerError with reason ``killed``; 1: the job runs
+    again with ``resume`` and starts from that checkpoint's step."""
+    spec = make_spec(yes_no_model, tmp_path, max_steps=6,
+                     grpo=GrpoSpec(max_steps=6, learning_rate=1e-2, num_generations=4,
+                                   per_device_train_batch_size=8, max_completion_length=8,
+                                   beta=0.0, save_steps=2))
+    started: list[TrainerStarted] = []
+    checkpoints: list[int] = []
+    retried: list[tuple[int, str]] = []
+
+    def on_event(event: TrainerEvent) -> None:
+        if isinstance(event, TrainerStarted):
+            started.append(event)
+        if isinstance(event, TrainerCheckpoint):
+            checkpoints.append(event.step)
+            if len(started) == 1 and len(checkpoints) == 1:
+                os.kill(int((tmp_path / "work" / PID_FILE).read_text()), signal.SIGKILL)
+
+    async def attempt(job: TrainJobSpec) -> Any:
+        return await run_trainer(job, on_event=on_event, log_path=tmp_path / "log")
+
+    with anyio.fail_after(RUN_TIMEOUT):
+        if retries == 0:
+            with pytest.raises(TrainerError) as caught:
+                await retrying(spec, retries, attempt)
+            assert caught.value.data["reason"] == "killed"
+            assert caught.value.data["attempts"] == 1
+            assert "SIGKILL" in caught.value.message
+            assert len(started) == 1 and not await anyio.Path(spec.output_dir).exists()
+            return
+        outcome = await retrying(spec, retries, attempt,
+                                 on_retry=lambda n, e: retried.append((n, e.data["reason"])))
+    assert retried == [(2, "killed")]
+    assert [s.resumed_from_step for s in started] == [0, checkpoints[0]]
+    assert outcome.stopped is not None and outcome.stopped.step == 6
+    assert outcome.adapter is not None
+    assert verify_adapter(Path(spec.output_dir)) == outcome.adapter
 
 
 async def test_a_trainer_that_crashes_raises_trainer_error_with_its_stderr_tail(
