@@ -65,16 +65,7 @@ def test_an_http_judge_is_in_the_spec_and_an_unreachable_one_refuses_training(
             assert daemon.call("daemon.ping")["version"]
 
 
-PLAIN = """\
-scenarios:
-  - id: {id}
-    set: {set}
-    domain: adtech
-    prompt: what is CPM for {id}
-    rubric:
-      criteria:
-        - {{type: contains, value: "cost per mille"}}
-"""
+PLAIN = JUDGED.replace("        - {{type: llm_judge, engine: grader}}\n", "")  # no judge
 
 
 def test_data_parallel_training_without_ray_is_refused_naming_the_field_and_file(
