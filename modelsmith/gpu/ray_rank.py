@@ -7,6 +7,7 @@ run ranks, and this module knows only the trainer child, its paths and its envir
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,10 +29,10 @@ CHECKPOINTS = "checkpoints"
 
 
 def plain_name(name: str) -> str:
-    if not name or "/" in name or name in (".", ".."):
-        raise ValidationError(f"bad checkpoint name {name!r}", data={"field": "checkpoint"})
+    """A checkpoint's directory name as a node sent it: one path component, or ValidationError."""
+    if not name or "/" in name or "\x00" in name or name in (".", "..") or len(name) > 255:
+        raise ValidationError(f"bad checkpoint name {name[:80]!r}", data={"field": "checkpoint"})
     return name
-
 
 
 def placement_dict() -> dict[str, Any]:
@@ -62,7 +63,9 @@ async def run_rank(spec: TrainJobSpec, *, shared: bool, checkpoint: tuple[str, A
     """One rank's trainer child on this node, to its end. Rank 0 pushes its events, each
     checkpoint and the adapter (packed, off shared storage), then ``exit``; a rank whose
     trainer fails pushes ``error`` and raises its ModelsmithError."""
-    spec = rank_spec(spec, shared=shared, root=root, rank=rank)
+    spec = await anyio.to_thread.run_sync(
+        functools.partial(rank_spec, spec, shared=shared, root=root, rank=rank))
+    python = await anyio.to_thread.run_sync(_python_dying_with_parent, root)
     if checkpoint is not None and not shared:
         name, artifact = checkpoint
         await anyio.to_thread.run_sync(
@@ -78,7 +81,7 @@ async def run_rank(spec: TrainJobSpec, *, shared: bool, checkpoint: tuple[str, A
 
     process = TrainerProcess(spec=spec, on_event=on_event,
                              log_path=Path(spec.work_dir) / f"ray-trainer-rank{rank}.log",
-                             env=env, python=_python_dying_with_parent(root),
+                             env=env, python=python,
                              saves_adapter=rank == 0)
     if hold is not None:
         hold(process)
@@ -123,4 +126,3 @@ def child_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
-

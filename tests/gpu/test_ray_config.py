@@ -178,3 +178,13 @@ def test_training_workers_and_retries_are_bounded_in_cluster_toml(
     (root / "cluster.toml").write_text('domain = "adtech"\n[model]\nbase = "m"\n')
     training_section = load_cluster(root).config.training
     assert (training_section.num_workers, training_section.retries) == (1, 0)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../adapters", "a/b", "/etc", "ck\x00pt", "c" * 256])
+def test_a_checkpoint_name_from_a_node_must_be_one_plain_path_component(name: str) -> None:
+    from modelsmith.gpu.ray_rank import plain_name
+
+    with pytest.raises(ValidationError) as caught:
+        plain_name(name)
+    assert caught.value.data["field"] == "checkpoint" and len(caught.value.message) < 120
+    assert plain_name("checkpoint-12") == "checkpoint-12"

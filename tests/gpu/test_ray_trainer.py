@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from ray.cluster_utils import Cluster
 
 from modelsmith.errors import TrainerError
 from modelsmith.gpu.adapters import verify_adapter
+from modelsmith.gpu.engine import EngineInfo, EngineState
+from modelsmith.gpu.engines import EnginePool, EngineSpec
 from modelsmith.gpu.ray_backend import Placement, Unplaceable, cluster_nodes
 from modelsmith.gpu.ray_config import RaySection
 from modelsmith.gpu.ray_trainer import RayTrainerRunner
@@ -248,17 +250,31 @@ async def test_a_data_parallel_job_runs_one_rank_on_each_node_as_ray_trains_torc
 
 
 @dataclass
-class WatchedEngine:
-    """A Resident as the daemon's engine gate looks to a lease: what the runner asked, when."""
+class PlacedEngine:
+    """An engine in a Ray actor as the daemon's pool sees it (kind "vllm-ray", its placement):
+    the Engine methods the pool's gate uses, recording each sleep and wake against the trainer's
+    event count (a fake at the process boundary: a real one is an actor with vLLM inside)."""
 
     name: str
+    placement: Placement
     events: list[TrainerEvent]
     log: list[tuple[str, int]] = field(default_factory=list)
+    sleeping: bool = False
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(name=self.name, model="tiny", kind="vllm-ray",
+                          state=EngineState.SLEEPING if self.sleeping else EngineState.WARM,
+                          node=self.placement.node_id, node_gpus=list(self.placement.gpus))
+
+    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109
+        return None
 
     async def sleep(self, level: int = 1) -> None:
+        self.sleeping = True
         self.log.append(("sleep", len(self.events)))
 
     async def wake_up(self) -> None:
+        self.sleeping = False
         self.log.append(("wake", len(self.events)))
 
 
@@ -268,24 +284,32 @@ async def test_engines_sharing_the_trainers_gpu_on_its_node_sleep_while_it_train
     runner = runner_for(ray_cluster, num_gpus=0.5)
     spec = short_job(yes_no_model, tmp_path, "job-ray-6")
     events: list[TrainerEvent] = []
-    trainer_node = trainer_node_id()
-    # An engine on the same node and GPU id, and one on the head node's (nonexistent) GPU 0.
-    here = WatchedEngine("here", events)
-    elsewhere = WatchedEngine("elsewhere", events)
-    asked: list[Placement] = []
-
-    def residents(placement: Placement) -> list[Any]:
-        asked.append(placement)
-        engines = {"here": Placement(placement.node_id, placement.node_ip, ("0",)),
-                   "elsewhere": Placement("head" + placement.node_id, placement.node_ip, ("0",))}
-        return [e for e in (here, elsewhere) if placement.shares_gpus_with(engines[e.name])]
+    trainer_node = next(n for n in cluster_nodes() if "trainer_node" in n["resources"])
+    head = next(n for n in cluster_nodes() if "daemon_box" in n["resources"])
+    # The daemon's pool, as in loop/train/service.py: an engine on the trainer's node and GPU
+    # id (Ray hands out "0", the node's one GPU), one on another node's GPU 0, one on the same
+    # node without a GPU in common.
+    engines = {
+        "here": PlacedEngine("here", Placement(trainer_node["node_id"], trainer_node["ip"], ("0",)),
+                             events),
+        "other-node": PlacedEngine("other-node", Placement(head["node_id"], head["ip"], ("0",)),
+                                   events),
+        "other-gpu": PlacedEngine("other-gpu",
+                                  Placement(trainer_node["node_id"], trainer_node["ip"], ("1",)),
+                                  events),
+    }
+    pool = EnginePool(factory=lambda name, engine_spec: engines[engine_spec.model.name])  # type: ignore[arg-type,return-value]
+    template = EngineSpec(model=Path("here"), kind="vllm", dtype="auto", max_model_len=512,
+                          url=None, api_key_env=None, gpu_memory_utilization=0.5,
+                          tensor_parallel_size=1, max_lora_rank=8, max_loras=2)
+    for name in engines:
+        pool.add_cluster(name, replace(template, model=Path(name)))
 
     with anyio.fail_after(RUN_TIMEOUT):
         outcome = await runner(spec, on_event=events.append, log_path=tmp_path / "train.log",
-                               residents=residents)
+                               residents=pool.co_located)
     assert outcome.stopped is not None and outcome.stopped.reason == "completed"
-    (placement,) = asked
-    assert placement.node_id.startswith(trainer_node) and placement.gpus == ("0",)
-    # Asleep before the trainer's first event, awake only after its last.
-    assert here.log == [("sleep", 0), ("wake", len(events))]
-    assert elsewhere.log == []
+    # Asleep before the trainer's first event, awake only after its last; the others served on.
+    assert engines["here"].log == [("sleep", 0), ("wake", len(events))]
+    assert engines["other-node"].log == [] and engines["other-gpu"].log == []
+    assert not pool.gate_for("here").asleep
